@@ -1,0 +1,1 @@
+"""Load generator, benchmark suite and the ONNX model builders they (and the tests) share."""

@@ -1,0 +1,286 @@
+"""Dynamic batching for one model version: a queue, a pool of instances, pull-when-free.
+
+Each model instance runs a worker task. An idle worker takes whatever is queued at once, so at
+low load a request runs alone with no added wait; while every instance is busy the queue grows,
+and the next free instance takes it as one batch. ``max_queue_delay_microseconds`` adds waiting
+only while a batch is below its target (the largest preferred size, else ``max_batch_size``).
+
+Requests are grouped by a shape key: requests whose non-batch dims differ never share a batch.
+Cancelled and expired requests are dropped before a batch runs. Model calls run on one thread
+per instance (ONNX Runtime releases the GIL), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    ModelExecutionError,
+    ResourceExhausted,
+    Unavailable,
+)
+from gateway.modelconfig import BatchingConfig, QueuePolicy
+from gateway.statistics import ModelStats
+from runtimes.base import Runtime
+
+log = logging.getLogger(__name__)
+now_ns = time.monotonic_ns
+
+
+@dataclass(slots=True)
+class Instance:
+    """One runtime and the single thread that drives it."""
+
+    name: str
+    runtime: Runtime
+    executor: ThreadPoolExecutor
+
+
+class QueuedRequest:
+    """A request waiting in the batcher; ``inputs`` are in the model's input order."""
+
+    __slots__ = ("inputs", "size", "key", "future", "enqueued_ns", "expires_ns", "reject_on_expiry",
+                 "level")
+
+    def __init__(self, inputs, size, key, future, enqueued_ns, expires_ns, reject_on_expiry, level):
+        self.inputs = inputs
+        self.size = size
+        self.key = key
+        self.future = future
+        self.enqueued_ns = enqueued_ns
+        self.expires_ns = expires_ns
+        self.reject_on_expiry = reject_on_expiry
+        self.level = level
+
+
+class _Level:
+    """One priority level: requests in arrival order, then those delayed by their timeout."""
+
+    __slots__ = ("ready", "delayed", "policy")
+
+    def __init__(self, policy: QueuePolicy):
+        self.ready: deque[QueuedRequest] = deque()
+        self.delayed: deque[QueuedRequest] = deque()
+        self.policy = policy
+
+    def __len__(self) -> int:
+        return len(self.ready) + len(self.delayed)
+
+
+class Batcher:
+    """Queue and scheduler of one model version."""
+
+    def __init__(self, model: str, version: str, max_batch_size: int,
+                 batching: BatchingConfig | None, instances: list[Instance],
+                 input_names: list[str], output_names: list[str], stats: ModelStats):
+        self.model = model
+        self.version = version
+        self.batching = max_batch_size > 0
+        self.max_batch_size = max(max_batch_size, 1)
+        cfg = batching or BatchingConfig()
+        # Without dynamic_batching in the config, requests still run alone on a free instance.
+        self.max_batch = self.max_batch_size if batching is not None else 1
+        self.target = max(cfg.preferred_batch_sizes, default=self.max_batch)
+        self.preferred = cfg.preferred_batch_sizes
+        self.delay_ns = cfg.max_queue_delay_us * 1000
+        self.default_level = cfg.default_priority_level if cfg.priority_levels else 0
+        levels = max(cfg.priority_levels, 1)
+        self._levels = [_Level(cfg.priority_queue_policy.get(i + 1, cfg.default_queue_policy))
+                        for i in range(levels)]
+        self.instances = instances
+        self.input_names = input_names
+        self.output_names = output_names
+        self.stats = stats
+        self._pending = 0
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._workers: list[asyncio.Task] = []
+        self._label = f"model '{model}' version {version}"
+
+    @property
+    def queue_depth(self) -> int:
+        return self._pending
+
+    def start(self) -> None:
+        self._workers = [asyncio.create_task(self._work(inst), name=f"batcher:{inst.name}")
+                         for inst in self.instances]
+
+    def submit(self, inputs: list[np.ndarray], size: int, key: tuple, priority: int = 0,
+               timeout_us: int = 0, deadline_ns: int = 0) -> asyncio.Future:
+        """Queue one request; the returned future resolves to its list of output arrays."""
+        if self._closed:
+            raise Unavailable(f"{self._label} is unloading")
+        level_index = (priority or self.default_level or 1) - 1
+        if not 0 <= level_index < len(self._levels):
+            level_index = len(self._levels) - 1
+        level = self._levels[level_index]
+        policy = level.policy
+        if policy.max_queue_size and len(level) >= policy.max_queue_size:
+            raise ResourceExhausted(
+                f"{self._label}: queue is full ({policy.max_queue_size} requests waiting)")
+        enqueued = now_ns()
+        timeout_ns = (timeout_us if timeout_us and policy.allow_timeout_override
+                      else policy.default_timeout_us) * 1000
+        expires = enqueued + timeout_ns if timeout_ns else 0
+        reject = policy.timeout_action != "DELAY"
+        if deadline_ns and (not expires or deadline_ns < expires):
+            expires, reject = deadline_ns, True  # past the caller's deadline nobody waits
+        future = asyncio.get_running_loop().create_future()
+        level.ready.append(QueuedRequest(inputs, size, key, future, enqueued, expires, reject,
+                                         level_index))
+        self._pending += 1
+        self._wakeup.set()
+        return future
+
+    async def _work(self, instance: Instance) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            await self._execute(loop, instance, batch)
+
+    async def _next_batch(self) -> list[QueuedRequest] | None:
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, size = self._take(self.max_batch, None)
+            if not batch:
+                continue
+            if self.delay_ns and size < self.target:
+                until = batch[0].enqueued_ns + self.delay_ns
+                while size < self.target and (remaining := until - now_ns()) > 0:
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), remaining / 1e9)
+                    except TimeoutError:
+                        pass
+                    more, added = self._take(self.target - size, batch[0].key)
+                    batch += more
+                    size += added
+            if self.preferred and size not in self.preferred:
+                self._put_back(batch, size)
+            return batch
+
+    def _take(self, limit: int, key) -> tuple[list[QueuedRequest], int]:
+        """Pop up to ``limit`` samples of one shape key, highest priority first, FIFO within."""
+        batch: list[QueuedRequest] = []
+        size = 0
+        now = now_ns()
+        for level in self._levels:
+            for queue in (level.ready, level.delayed):
+                while queue:
+                    item = queue[0]
+                    if item.future.done():  # cancelled by the caller
+                        queue.popleft()
+                        self._pending -= 1
+                        continue
+                    if item.expires_ns and now > item.expires_ns and queue is level.ready:
+                        queue.popleft()
+                        if item.reject_on_expiry:
+                            self._pending -= 1
+                            item.future.set_exception(DeadlineExceeded(
+                                f"{self._label}: request timed out in the queue"))
+                        else:
+                            level.delayed.append(item)
+                        continue
+                    if key is None:
+                        key = item.key
+                    if item.key != key or size + item.size > limit:
+                        return batch, size
+                    queue.popleft()
+                    self._pending -= 1
+                    batch.append(item)
+                    size += item.size
+        return batch, size
+
+    def _put_back(self, batch: list[QueuedRequest], size: int) -> None:
+        """Trim a batch to the largest preferred size it covers; the rest goes back in front."""
+        fitting = [p for p in self.preferred if p <= size]
+        if not fitting:
+            return
+        keep, total = 0, 0
+        for item in batch:
+            if total + item.size > fitting[-1]:
+                break
+            total += item.size
+            keep += 1
+        for item in reversed(batch[keep:]):
+            self._levels[item.level].ready.appendleft(item)
+            self._pending += 1
+        del batch[keep:]
+
+    async def _execute(self, loop, instance: Instance, batch: list[QueuedRequest]) -> None:
+        batch = [item for item in batch if not item.future.done()]
+        if not batch:
+            return
+        start = now_ns()
+        stats = self.stats
+        for item in batch:
+            stats.queue.add(start - item.enqueued_ns)
+        size = sum(item.size for item in batch)
+        if len(batch) == 1:
+            feeds = dict(zip(self.input_names, batch[0].inputs))
+        else:
+            feeds = {name: np.concatenate(parts) for name, parts
+                     in zip(self.input_names, zip(*(item.inputs for item in batch)))}
+        input_done = now_ns()
+        try:
+            outputs = await loop.run_in_executor(instance.executor, instance.runtime.run,
+                                                 feeds, self.output_names)
+        except Exception as exc:  # the model failed: fail this batch only
+            log.warning("%s failed on a batch of %d: %s", self._label, size, exc)
+            self._fail(batch, ModelExecutionError(
+                f"{self._label} failed to execute: {_short(exc)}"))
+            return
+        infer_done = now_ns()
+        if self.batching and any(len(out) != size for out in outputs):
+            self._fail(batch, ModelExecutionError(
+                f"{self._label} returned {[len(o) for o in outputs]} rows for a batch of {size}"))
+            return
+        if len(batch) == 1:
+            if not batch[0].future.done():
+                batch[0].future.set_result(outputs)
+        else:
+            offset = 0
+            for item in batch:
+                end = offset + item.size
+                if not item.future.done():
+                    item.future.set_result([out[offset:end] for out in outputs])
+                offset = end
+        stats.record_batch(size, len(batch), input_done - start, infer_done - input_done,
+                           now_ns() - infer_done)
+        stats.last_inference_ms = time.time_ns() // 1_000_000
+
+    def _fail(self, batch: list[QueuedRequest], error: GatewayError) -> None:
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    async def close(self) -> None:
+        """Stop taking requests, finish everything queued and running, release the instances."""
+        self._closed = True
+        self._wakeup.set()
+        if self._workers:
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        for inst in self.instances:
+            inst.executor.shutdown(wait=True)
+            inst.runtime.close()
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.split(" : ", 1)[-1][:300]

@@ -1,0 +1,57 @@
+"""Server settings: defaults, overridden by ``GATEWAY_*`` environment variables, overridden by
+command-line flags. Frozen once the server starts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+DEMO_REPOSITORY = Path(__file__).parent / "demo_repository"
+CONTROL_MODES = ("none", "poll", "explicit")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    model_repository: Path = DEMO_REPOSITORY
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001  # 0 picks a free port (tests)
+    metrics_port: int = 8002  # 0 picks a free port; -1 turns the metrics endpoint off
+    control_mode: str = "none"
+    load_models: tuple[str, ...] = ()  # explicit mode: models loaded at start ("*" = all)
+    poll_interval: float = 5.0  # seconds between repository scans in poll mode
+    max_message_bytes: int = 64 * 1024 * 1024
+    drain_seconds: float = 30.0  # grace for in-flight requests on SIGTERM
+    cpu_threads_per_instance: int = 1  # ORT intra-op threads of each CPU model instance
+    log_level: str = "INFO"
+
+    def validated(self) -> "Settings":
+        if self.control_mode not in CONTROL_MODES:
+            raise ValueError(f"control mode must be one of {', '.join(CONTROL_MODES)}")
+        if not self.model_repository.is_dir():
+            raise ValueError(f"model repository {self.model_repository} is not a directory")
+        if self.poll_interval <= 0 or self.drain_seconds < 0:
+            raise ValueError("poll interval must be positive and drain seconds not negative")
+        return self
+
+
+def _convert(kind, text: str):
+    if kind in ("int", int):
+        return int(text)
+    if kind in ("float", float):
+        return float(text)
+    if kind in ("Path", Path):
+        return Path(text)
+    if kind == "tuple[str, ...]":
+        return tuple(part for part in text.split(",") if part)
+    return text
+
+
+def from_environment(environ=os.environ) -> Settings:
+    """Defaults overridden by ``GATEWAY_<FIELD>`` variables (e.g. GATEWAY_GRPC_PORT=9001)."""
+    changes = {}
+    for f in fields(Settings):
+        value = environ.get("GATEWAY_" + f.name.upper())
+        if value is not None and value != "":
+            changes[f.name] = _convert(f.type, value)
+    return replace(Settings(), **changes)

@@ -1,0 +1,138 @@
+"""The request path, protocol-free: validate -> route -> batch -> execute -> respond.
+
+A newcomer should be able to read how a request becomes a response in ``DataPlane.infer``.
+Protocol adapters decode into ``InferRequest`` before calling it and encode the
+``InferResponse`` it returns; errors are ``GatewayError`` subclasses that carry their status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from gateway.errors import GatewayError, InvalidArgument, Unavailable
+from gateway.modelconfig import ModelConfig
+from gateway.repository import Repository
+from gateway.tensors import InferRequest, InferResponse, Tensor
+
+now_ns = time.monotonic_ns
+
+
+class DataPlane:
+    def __init__(self, repository: Repository):
+        self.repository = repository
+        self.accepting = True
+        self.inflight = 0
+        self._idle = asyncio.Event()
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        if not self.accepting:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        # Route: an explicit version as asked, otherwise the model's serving policy.
+        served = self.repository.version(request.model, request.version)
+        start = now_ns()
+        self.inflight += 1
+        try:
+            # Validate against the served version's config, before anything reaches the model.
+            config = served.config
+            arrays, size, shape_key = prepare_inputs(config, request.inputs)
+            wanted = requested_outputs(config, request.outputs)
+            # Batch and execute: the batcher queues, merges and runs on a free instance.
+            outputs = await served.batcher.submit(arrays, size, shape_key, request.priority,
+                                                  request.timeout_us, request.deadline_ns)
+        except GatewayError:
+            served.stats.fail.add(now_ns() - start)
+            raise
+        finally:
+            self.inflight -= 1
+            if not self.inflight and not self.accepting:
+                self._idle.set()
+        # Respond with the outputs asked for, named by the version that actually served.
+        tensors = [response_tensor(config, i, outputs[i], size) for i in wanted]
+        served.stats.success.add(now_ns() - start)
+        return InferResponse(request.model, served.version, request.id, tensors)
+
+    async def drain(self, grace_seconds: float) -> bool:
+        """Refuse new requests and wait for in-flight ones; True if all finished in time."""
+        self.accepting = False
+        if not self.inflight:
+            return True
+        self._idle.clear()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_seconds)
+        except TimeoutError:
+            return False
+        return True
+
+
+def prepare_inputs(config: ModelConfig, tensors: list[Tensor]) -> tuple[list[np.ndarray], int, tuple]:
+    """Check inputs against the config; return arrays in model order, batch size, shape key."""
+    specs = config.inputs
+    if len(tensors) != len(specs):
+        names = {t.name for t in tensors}
+        missing = [s.name for s in specs if s.name not in names]
+        if missing:
+            raise InvalidArgument(f"model '{config.name}' expects input(s) {', '.join(missing)}")
+    arrays: list[np.ndarray | None] = [None] * len(specs)
+    batching = config.max_batch_size > 0
+    size = 0
+    for t in tensors:
+        index = config.input_index.get(t.name)
+        if index is None:
+            raise InvalidArgument(f"model '{config.name}' has no input '{t.name}'; its inputs "
+                                  f"are {', '.join(s.name for s in specs)}")
+        if arrays[index] is not None:
+            raise InvalidArgument(f"input '{t.name}' is given twice")
+        spec = specs[index]
+        if t.datatype != spec.datatype:
+            raise InvalidArgument(f"input '{t.name}' must be {spec.datatype}, got {t.datatype}")
+        shape = t.data.shape
+        if batching:
+            if not shape or not 1 <= shape[0] <= config.max_batch_size:
+                raise InvalidArgument(
+                    f"input '{t.name}': the first dimension is the batch size and must be 1 to "
+                    f"{config.max_batch_size}; got shape {list(shape)}")
+            if not size:
+                size = shape[0]
+            elif shape[0] != size:
+                raise InvalidArgument("all inputs must have the same batch size")
+            dims = shape[1:]
+        else:
+            dims = shape
+        if len(dims) != len(spec.dims) or any(
+                want != -1 and got != want for got, want in zip(dims, spec.dims)):
+            expected = ([-1] if batching else []) + list(spec.dims)
+            raise InvalidArgument(
+                f"input '{t.name}' has shape {list(shape)}; the model expects {expected}")
+        data = t.data
+        if spec.reshape is not None:
+            data = data.reshape(((size,) if batching else ()) + spec.reshape)
+        arrays[index] = data
+    key = tuple(a.shape[1:] for a in arrays) if batching else ()
+    return arrays, size or 1, key
+
+
+def requested_outputs(config: ModelConfig, names: list[str]) -> list[int]:
+    """Indexes into the model's outputs of the ones the caller asked for (all when none)."""
+    if not names:
+        return list(range(len(config.outputs)))
+    wanted = []
+    for name in names:
+        index = config.output_index.get(name)
+        if index is None:
+            if name in config.unsupported_outputs:
+                raise InvalidArgument(
+                    f"output '{name}' is a {config.unsupported_outputs[name]}, which this gateway "
+                    "cannot return; ask for tensor outputs only")
+            raise InvalidArgument(f"model '{config.name}' has no output '{name}'")
+        wanted.append(index)
+    return wanted
+
+
+def response_tensor(config: ModelConfig, index: int, data: np.ndarray, size: int) -> Tensor:
+    spec = config.outputs[index]
+    if spec.reshape is not None:
+        data = data.reshape(((size,) if config.max_batch_size > 0 else ()) + spec.dims)
+    return Tensor(spec.name, spec.datatype, data)

@@ -1,0 +1,69 @@
+"""One error tree for the whole gateway.
+
+Every failure the gateway reports to a caller is a ``GatewayError``; each subclass names the
+gRPC status it maps to (as a plain string, so the core never imports grpc). The protocol edge
+turns ``code`` into a ``grpc.StatusCode`` and ``message`` into the status details. Anything
+else that escapes is our bug and is reported as INTERNAL without its text.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error a caller may see; ``code`` is a gRPC status code name."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(GatewayError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(GatewayError):
+    code = "NOT_FOUND"
+
+
+class Unavailable(GatewayError):
+    code = "UNAVAILABLE"
+
+
+class ResourceExhausted(GatewayError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(GatewayError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(GatewayError):
+    code = "CANCELLED"
+
+
+class Unauthenticated(GatewayError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(GatewayError):
+    code = "PERMISSION_DENIED"
+
+
+class Unimplemented(GatewayError):
+    code = "UNIMPLEMENTED"
+
+
+class FailedPrecondition(GatewayError):
+    code = "FAILED_PRECONDITION"
+
+
+class ModelExecutionError(GatewayError):
+    """The model itself failed while running a batch: the caller's request was well formed."""
+
+    code = "INTERNAL"
+
+
+class ModelLoadError(Exception):
+    """A model version could not be loaded; the reason is shown in RepositoryIndex."""

@@ -1,0 +1,302 @@
+"""The model repository: which models and versions exist on disk, and which are serving.
+
+Layout is Triton's: ``<root>/<model>/config.pbtxt`` and ``<root>/<model>/<version>/model.onnx``.
+Loading is version by version and never all-or-nothing: a version that fails is UNAVAILABLE with
+its reason while the others serve. A reload loads the new versions first and only then retires
+the old ones, so a caller never sees a gap; if none of the new versions load, the old keep serving.
+Readers (the data plane) see each model's serving versions as an immutable snapshot, swapped whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.batching import Batcher
+from gateway.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ModelLoadError,
+    NotFound,
+    Unavailable,
+)
+from gateway.loading import load_version
+from gateway.modelconfig import ModelConfig, read_config_file, version_policy
+from gateway.statistics import ModelStats
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+def check_model_name(name: str) -> str:
+    """Refuse names that could escape the repository or are not plain directory names."""
+    if not MODEL_NAME.match(name) or ".." in name:
+        raise InvalidArgument(
+            f"invalid model name {name[:64]!r}: use letters, digits, '_', '-' and '.'")
+    return name
+
+
+@dataclass(slots=True)
+class ServingVersion:
+    """A loaded version that takes requests."""
+
+    model: str
+    version: str
+    config: ModelConfig
+    batcher: Batcher
+    stats: ModelStats
+    signature: tuple  # what the files looked like when loaded; a change means reload
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    name: str
+    serving: dict[str, ServingVersion] = field(default_factory=dict)  # replaced whole, never mutated
+    latest: ServingVersion | None = None
+    config: ModelConfig | None = None
+    reasons: dict[str, str] = field(default_factory=dict)  # version ("" = model) -> why unavailable
+    loading: bool = False
+
+
+class Repository:
+    def __init__(self, root: Path, cpu_threads: int = 1, control_mode: str = "none"):
+        self.root = root.resolve()
+        self.cpu_threads = cpu_threads
+        self.control_mode = control_mode
+        self.models: dict[str, ModelEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.on_change = []  # callbacks(model_name) after a model's serving set changes
+
+    # ---- reading (request path) ----------------------------------------------------------
+
+    def get(self, name: str) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            raise NotFound(f"unknown model '{name}'")
+        return entry
+
+    def version(self, name: str, version: str) -> ServingVersion:
+        """The serving version asked for ("" = newest), or the right error."""
+        entry = self.models.get(name)
+        if entry is None:
+            raise NotFound(f"unknown model '{name}'")
+        if not version:
+            if entry.latest is None:
+                raise Unavailable(_why_unavailable(entry, name))
+            return entry.latest
+        served = entry.serving.get(version)
+        if served is not None:
+            return served
+        if version in entry.reasons:
+            raise Unavailable(f"model '{name}' version {version} is not available: "
+                              f"{entry.reasons[version]}")
+        raise NotFound(f"unknown version {version!r} of model '{name}'")
+
+    # ---- disk -----------------------------------------------------------------------------
+
+    def model_dir(self, name: str) -> Path:
+        check_model_name(name)
+        path = (self.root / name).resolve()
+        if path.parent != self.root:
+            raise InvalidArgument(f"invalid model name {name[:64]!r}")
+        return path
+
+    def scan(self) -> list[str]:
+        """Model names present on disk (directories with a valid name)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and MODEL_NAME.match(p.name) and not p.name.startswith("."))
+
+    def _disk_state(self, name: str):
+        """(config proto, explicit batch flag, {version: (file, signature)}) read from disk."""
+        model_dir = self.model_dir(name)
+        if not model_dir.is_dir():
+            raise NotFound(f"model '{name}' is not in the repository")
+        proto, explicit_batch = read_config_file(model_dir, name)
+        filename = proto.default_model_filename or "model.onnx"
+        cfg_sig = _stat(model_dir / "config.pbtxt")
+        versions = {}
+        for child in model_dir.iterdir():
+            if child.is_dir() and child.name.isdigit() and int(child.name) > 0:
+                model_file = child / filename
+                if model_file.is_file():
+                    versions[int(child.name)] = (model_file, (cfg_sig, _stat(model_file)))
+        return proto, explicit_batch, versions
+
+    def disk_signature(self, name: str) -> tuple:
+        """Cheap fingerprint of a model directory, for poll mode's change detection."""
+        model_dir = self.root / name
+        parts = [_stat(model_dir / "config.pbtxt")]
+        try:
+            for child in sorted(model_dir.iterdir()):
+                if child.is_dir() and child.name.isdigit():
+                    parts.append((child.name, tuple(_stat(f) for f in sorted(child.iterdir()))))
+        except OSError:
+            pass
+        return tuple(parts)
+
+    # ---- load / unload --------------------------------------------------------------------
+
+    async def load(self, name: str) -> ModelEntry:
+        """Load (or reload) a model: new and changed versions first, then retire the rest."""
+        self.model_dir(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            entry = self.models.setdefault(name, ModelEntry(name))
+            entry.loading = True
+            try:
+                await self._load_locked(entry)
+            finally:
+                entry.loading = False
+            return entry
+
+    async def _load_locked(self, entry: ModelEntry) -> None:
+        name = entry.name
+        loop = asyncio.get_running_loop()
+        try:
+            proto, explicit_batch, on_disk = await loop.run_in_executor(
+                None, self._disk_state, name)
+            wanted = version_policy(proto).select(list(on_disk))
+        except (ModelLoadError, NotFound) as exc:
+            reason = exc.args[0] if isinstance(exc, ModelLoadError) else exc.message
+            log.error("model '%s' cannot load: %s", name, reason)
+            entry.reasons = {"": reason}  # what is loaded keeps serving; the index shows why
+            return
+        if not wanted:
+            entry.reasons = {"": "no version directory with a model file matches the version policy"}
+            if not entry.serving:
+                log.error("model '%s': %s", name, entry.reasons[""])
+            return
+        new_serving: dict[str, ServingVersion] = {}
+        reasons: dict[str, str] = {}
+        for number in wanted:
+            key = str(number)
+            model_file, signature = on_disk[number]
+            current = entry.serving.get(key)
+            if current is not None and current.signature == signature:
+                new_serving[key] = current
+                continue
+            try:
+                loaded = await loop.run_in_executor(
+                    None, load_version, model_file, name, number, proto, explicit_batch,
+                    self.cpu_threads)
+            except ModelLoadError as exc:
+                log.error("model '%s' version %s failed to load: %s", name, key, exc)
+                reasons[key] = str(exc)
+                continue
+            except Exception as exc:  # an unexpected loader failure must not stop the server
+                log.exception("model '%s' version %s failed to load", name, key)
+                reasons[key] = f"unexpected load failure ({type(exc).__name__})"
+                continue
+            config = loaded.config
+            stats = ModelStats()
+            batcher = Batcher(name, key, config.max_batch_size, config.batching, loaded.instances,
+                              [i.name for i in config.inputs], [o.name for o in config.outputs],
+                              stats)
+            batcher.start()
+            new_serving[key] = ServingVersion(name, key, config, batcher, stats, signature)
+            log.info("model '%s' version %s ready (%d instance%s)", name, key,
+                     len(loaded.instances), "" if len(loaded.instances) == 1 else "s")
+        if not new_serving and entry.serving:
+            # Nothing new could load: keep the old versions rather than serve nothing.
+            log.error("model '%s': no wanted version loaded; previous versions keep serving", name)
+            entry.reasons = reasons
+            return
+        retired = [v for k, v in entry.serving.items() if new_serving.get(k) is not v]
+        self._publish(entry, new_serving, reasons)
+        for old in retired:
+            log.info("model '%s' version %s retiring", name, old.version)
+        await asyncio.gather(*(old.batcher.close() for old in retired))
+
+    def _publish(self, entry: ModelEntry, serving: dict[str, ServingVersion],
+                 reasons: dict[str, str]) -> None:
+        entry.serving = serving
+        entry.latest = serving[max(serving, key=int)] if serving else None
+        entry.config = entry.latest.config if entry.latest else entry.config
+        entry.reasons = reasons
+        for callback in self.on_change:
+            callback(entry.name)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a model; queued and running requests finish first."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            entry = self.models.get(name)
+            if entry is None:
+                raise NotFound(f"unknown model '{name}'")
+            retired = list(entry.serving.values())
+            self._publish(entry, {}, {"": "unloaded"})
+            await asyncio.gather(*(v.batcher.close() for v in retired))
+
+    # ---- operator requests (RepositoryModelLoad / Unload) -----------------------------------
+
+    def _check_explicit(self, verb: str) -> None:
+        if self.control_mode != "explicit":
+            raise FailedPrecondition(
+                f"cannot {verb} models: the repository is in '{self.control_mode}' control mode; "
+                "start the server with --control-mode explicit")
+
+    async def load_requested(self, name: str, parameter_keys: list[str]) -> None:
+        """Load on an operator's request; refuses content or config sent over the network."""
+        self._check_explicit("load")
+        for key in parameter_keys:
+            if key.startswith("file:") or key == "config":
+                raise InvalidArgument(
+                    f"load parameter '{key[:64]}' is refused: models and configs are read only "
+                    "from the server's repository, never from the request")
+        self.model_dir(name)
+        if not (self.root / name).is_dir():
+            raise NotFound(f"model '{name}' is not in the repository")
+        entry = await self.load(name)
+        if not entry.serving:
+            reason = entry.reasons.get("") or "; ".join(
+                f"version {v}: {r}" for v, r in sorted(entry.reasons.items()))
+            raise Unavailable(f"model '{name}' failed to load: {reason}")
+
+    async def unload_requested(self, name: str) -> None:
+        self._check_explicit("unload")
+        check_model_name(name)
+        await self.unload(name)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.unload(name) for name in list(self.models)),
+                             return_exceptions=True)
+
+    # ---- index ----------------------------------------------------------------------------
+
+    def index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
+        """(model, version, state, reason) rows for every model on disk or loaded."""
+        rows = []
+        for name in sorted(set(self.scan()) | set(self.models)):
+            entry = self.models.get(name)
+            if entry is None:
+                rows.append((name, "", "UNAVAILABLE", "not loaded"))
+                continue
+            if entry.loading and not entry.serving:
+                rows.append((name, "", "LOADING", ""))
+            for version in sorted(entry.serving, key=int):
+                rows.append((name, version, "READY", ""))
+            for version, reason in sorted(entry.reasons.items()):
+                if version not in entry.serving:
+                    rows.append((name, version, "UNAVAILABLE", reason))
+        if ready_only:
+            rows = [r for r in rows if r[2] == "READY"]
+        return rows
+
+
+def _stat(path: Path):
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+def _why_unavailable(entry: ModelEntry, name: str) -> str:
+    if entry.loading:
+        return f"model '{name}' is loading"
+    reason = entry.reasons.get("") or next(iter(entry.reasons.values()), "not loaded")
+    return f"model '{name}' is not available: {reason}"

@@ -1,0 +1,161 @@
+"""Assembles the gateway and owns its lifecycle: start, ready, drain, stop.
+
+Start: the gRPC port listens first (so liveness answers while models load), models load per the
+control mode, then the server reports ready. Stop (SIGTERM/SIGINT): health turns NOT_SERVING,
+new requests get UNAVAILABLE, in-flight requests finish within the grace period, model
+sessions close, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway.config import Settings
+from gateway.dataplane import DataPlane
+from gateway.protocol.pb import grpc_service_pb2, grpc_service_pb2_grpc
+from gateway.protocol.servicer import InferenceServicer
+from gateway.repository import Repository
+
+log = logging.getLogger(__name__)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class GatewayServer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.repository = Repository(settings.model_repository, settings.cpu_threads_per_instance,
+                                     settings.control_mode)
+        self.dataplane = DataPlane(self.repository)
+        self.health = health.aio.HealthServicer()
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._ready = False
+        self._grpc: grpc.aio.Server | None = None
+        self._poller: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+        self.repository.on_change.append(self._model_changed)
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        s = self.settings
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        ]
+        self._grpc = grpc.aio.server(options=options)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.dataplane, self.repository, self.is_ready), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection([
+            grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ], self._grpc)
+        self.grpc_port = self._grpc.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
+        await self._grpc.start()
+        await self.health.set("", NOT_SERVING)
+        self.metrics_port = self._start_metrics()
+        await self._load_initial_models()
+        if s.control_mode == "poll":
+            self._poller = asyncio.create_task(self._poll(), name="repository-poll")
+        self._ready = True
+        await self.health.set("", SERVING)
+
+    def _start_metrics(self) -> int:
+        if self.settings.metrics_port < 0:
+            return -1
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(self.settings.metrics_port,
+                                            addr=_host(self.settings.host))
+        self._metrics_http = server
+        return server.server_port
+
+    async def _load_initial_models(self) -> None:
+        s = self.settings
+        if s.control_mode == "explicit":
+            names = self.repository.scan() if "*" in s.load_models else list(s.load_models)
+        else:
+            names = self.repository.scan()
+        for name in names:
+            try:
+                await self.repository.load(name)
+            except Exception as exc:  # a bad name or directory never stops the server
+                log.error("model '%s' not loaded: %s", name, getattr(exc, "message", exc))
+        self._signatures = {n: self.repository.disk_signature(n) for n in self.repository.scan()}
+
+    async def _poll(self) -> None:
+        """Poll mode: reload models whose files changed, load new ones, unload removed ones."""
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            try:
+                on_disk = self.repository.scan()
+                for name in on_disk:
+                    signature = self.repository.disk_signature(name)
+                    if self._signatures.get(name) != signature:
+                        self._signatures[name] = signature
+                        await self.repository.load(name)
+                for name in list(self.repository.models):
+                    if name not in on_disk and self.repository.models[name].serving:
+                        self._signatures.pop(name, None)
+                        await self.repository.unload(name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("repository poll failed; retrying at the next interval")
+
+    def _model_changed(self, name: str) -> None:
+        entry = self.repository.models.get(name)
+        status = SERVING if entry is not None and entry.serving else NOT_SERVING
+        asyncio.get_running_loop().create_task(self.health.set(name, status))
+
+    async def stop(self) -> None:
+        """Drain and stop; safe to call more than once."""
+        if self._grpc is None or self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._ready = False
+        await self.health.enter_graceful_shutdown()
+        if self._poller:
+            self._poller.cancel()
+        grace = self.settings.drain_seconds
+        drained = await self.dataplane.drain(grace)
+        if not drained:
+            log.warning("drain: requests still running after %.1fs; stopping anyway", grace)
+        await self._grpc.stop(grace=1.0)
+        await self.repository.close()
+        if getattr(self, "_metrics_http", None) is not None:
+            self._metrics_http.shutdown()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    server = GatewayServer(settings)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await server.start()
+    print(f"gateway ready: grpc {settings.host}:{server.grpc_port} "
+          f"metrics {server.metrics_port}", flush=True)
+    await stop_requested.wait()
+    log.info("shutting down: draining in-flight requests")
+    await server.stop()
+    log.info("stopped")

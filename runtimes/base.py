@@ -1,0 +1,48 @@
+"""The runtime interface: what the batcher needs from one loaded model instance.
+
+A runtime is one executable copy of a model on one device. ``run`` is blocking and is called
+from a worker thread, never from the event loop; implementations must release the GIL while the
+model computes (ONNX Runtime does). Everything else about the model (names, types, dims) is
+reported once, at load, as ``ModelIO``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from gateway.tensors import TensorSpec
+
+
+@dataclass(slots=True)
+class ModelIO:
+    """Inputs and outputs as the model file declares them; dims include the batch dim.
+
+    ``unsupported_outputs`` are outputs the runtime cannot return as tensors (sequences, maps).
+    """
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    unsupported_outputs: dict[str, str] = field(default_factory=dict)  # name -> type text
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    device: str = "cpu"  # "cpu" or "gpu"
+    device_id: int = 0
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    parameters: tuple[tuple[str, str], ...] = ()  # config.pbtxt parameters, passed through
+
+
+class Runtime(Protocol):
+    io: ModelIO
+    device: str
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
+        """Execute once; ``output_names`` must all be tensor outputs."""
+
+    def close(self) -> None:
+        """Release the session and its memory."""

@@ -1,0 +1,126 @@
+"""ONNX Runtime implementation of the runtime interface (CPU, and CUDA when installed).
+
+Thread counts are always explicit: ORT's default sizes its pool to every core, and several
+instances of several models would then fight over the same cores. One intra-op thread per
+instance is the CPU default; raise it per model with the ``intra_op_thread_count`` parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from gateway.errors import ModelLoadError
+from gateway.tensors import TensorSpec
+from runtimes.base import ModelIO, RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+ORT_TYPE_TO_DATATYPE = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+def _dims(shape) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def cuda_available() -> bool:
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+class OrtRuntime:
+    """One ONNX Runtime InferenceSession: one model instance on one device."""
+
+    def __init__(self, path: str | Path, options: RuntimeOptions):
+        self.device = options.device
+        self._device_id = options.device_id
+        params = dict(options.parameters)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(params.get("intra_op_thread_count", options.intra_op_threads))
+        so.inter_op_num_threads = int(params.get("inter_op_thread_count", options.inter_op_threads))
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        # Idle worker threads must not spin: the event loop and other instances need the cores.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if options.device == "gpu":
+            if not cuda_available():
+                raise ModelLoadError(
+                    "instance_group asks for KIND_GPU but this onnxruntime has no CUDA provider "
+                    "(install onnxruntime-gpu on a machine with a GPU)"
+                )
+            providers = [("CUDAExecutionProvider", {"device_id": options.device_id}),
+                         "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as exc:  # ORT raises several private exception types
+            raise ModelLoadError(f"onnxruntime could not load the model: {_short(exc)}") from exc
+        self.io = self._read_io()
+        self._string_inputs = [s.name for s in self.io.inputs if s.datatype == "BYTES"]
+        self._binding = self._session.io_binding() if options.device == "gpu" else None
+
+    def _read_io(self) -> ModelIO:
+        inputs, outputs, unsupported = [], [], {}
+        for arg in self._session.get_inputs():
+            datatype = ORT_TYPE_TO_DATATYPE.get(arg.type)
+            if datatype is None:
+                raise ModelLoadError(f"input '{arg.name}' has unsupported type {arg.type}")
+            inputs.append(TensorSpec(arg.name, datatype, _dims(arg.shape)))
+        for arg in self._session.get_outputs():
+            datatype = ORT_TYPE_TO_DATATYPE.get(arg.type)
+            if datatype is None:
+                unsupported[arg.name] = arg.type
+            else:
+                outputs.append(TensorSpec(arg.name, datatype, _dims(arg.shape)))
+        return ModelIO(inputs, outputs, unsupported)
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
+        # ORT string tensors hold str; it would str() a bytes object ("b'..'"), so decode here.
+        for name in self._string_inputs:
+            feeds[name] = _to_str(feeds[name])
+        if self._binding is None:
+            return self._session.run(output_names, feeds)
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in output_names:
+            binding.bind_output(name, "cuda", self._device_id)
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def close(self) -> None:
+        self._session = None
+        self._binding = None
+
+
+def _to_str(array: np.ndarray) -> np.ndarray:
+    flat = [v.decode("utf-8") if isinstance(v, bytes) else v for v in array.reshape(-1)]
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out.reshape(array.shape)
+
+
+def _short(exc: Exception) -> str:
+    """ORT messages can carry absolute paths; keep the first line without them."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.split(" : ", 1)[-1][:300]
