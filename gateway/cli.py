@@ -28,6 +28,7 @@ def _serve(args) -> int:
         "max_message_bytes": args.max_message_bytes,
         "cpu_threads_per_instance": args.cpu_threads,
         "log_level": args.log_level,
+        "state_dir": args.state_dir,
     }.items() if v is not None}
     try:
         settings = replace(settings, **changes).validated()
@@ -67,6 +68,83 @@ def _models(args) -> int:
     return 0
 
 
+def _admin_call(args, method: str, request):
+    """Call one GatewayAdmin method; print the gRPC status and exit 1 on refusal."""
+    import grpc
+
+    from gateway.protocol.pb import gateway_admin_pb2_grpc as apb_grpc
+
+    with grpc.insecure_channel(args.url) as channel:
+        stub = apb_grpc.GatewayAdminStub(channel)
+        try:
+            return getattr(stub, method)(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"gateway {args.command} {args.action}: {exc.code().name}: {exc.details()}",
+                  file=sys.stderr)
+            raise SystemExit(1) from None
+
+
+def _percent(value: float) -> str:
+    return f"{value:g}%"
+
+
+def _print_traffic(status) -> None:
+    split = " ".join(f"{w.version}={_percent(w.percent)}" for w in status.split)
+    effective = " ".join(f"{w.version}={_percent(w.percent)}" for w in status.effective)
+    print(f"model {status.model}")
+    print(f"  split:      {split or '(none: the newest version serves)'}")
+    print(f"  effective:  {effective or '(no serving version)'}")
+    if status.HasField("shadow"):
+        print(f"  shadow:     version {status.shadow.version} gets a copy of "
+              f"{_percent(status.shadow.percent)} of requests")
+    print(f"  serving:    {', '.join(status.serving_versions) or 'none'}")
+    if status.note:
+        print(f"  note:       {status.note}")
+
+
+def _traffic(args) -> int:
+    from gateway.protocol.pb import gateway_admin_pb2 as apb
+
+    if args.action == "show":
+        if args.model:
+            _print_traffic(_admin_call(args, "GetTraffic", apb.GetTrafficRequest(model=args.model)))
+        else:
+            for status in _admin_call(args, "ListTraffic", apb.ListTrafficRequest()).models:
+                _print_traffic(status)
+    elif args.action == "set":
+        split = []
+        for item in args.weights:
+            version, sep, weight = item.partition("=")
+            try:
+                split.append(apb.VersionWeight(version=version, percent=float(weight)))
+            except ValueError:
+                sep = ""
+            if not sep:
+                print(f"gateway traffic set: {item!r} is not VERSION=WEIGHT", file=sys.stderr)
+                return 2
+        _print_traffic(_admin_call(args, "SetTraffic",
+                                   apb.SetTrafficRequest(model=args.model, split=split)))
+    elif args.action == "shadow":
+        _print_traffic(_admin_call(args, "SetShadow", apb.SetShadowRequest(
+            model=args.model, version=args.to, percent=args.percent)))
+    elif args.action == "unshadow":
+        _print_traffic(_admin_call(args, "ClearShadow", apb.ClearShadowRequest(model=args.model)))
+    elif args.action == "clear":
+        _print_traffic(_admin_call(args, "ClearTraffic", apb.ClearTrafficRequest(model=args.model)))
+    elif args.action == "history":
+        import datetime
+
+        response = _admin_call(args, "TrafficHistory",
+                               apb.TrafficHistoryRequest(model=args.model, limit=args.limit))
+        for r in response.records:
+            when = datetime.datetime.fromtimestamp(r.time, datetime.timezone.utc)
+            print(f"{when:%Y-%m-%d %H:%M:%S}Z  {r.model}  {r.action:<12}  by {r.who}\n"
+                  f"    old: {r.old_json}\n    new: {r.new_json}")
+        if not response.records:
+            print("no traffic changes recorded")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,12 +163,42 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-bytes", type=int, help="largest gRPC message accepted")
     serve.add_argument("--cpu-threads", type=int, help="ONNX Runtime threads per CPU instance")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument("--state-dir", type=Path,
+                       help="operator state (traffic splits, audit log); default "
+                            "<repository>/.gateway, shared by replicas of one repository")
     serve.set_defaults(func=_serve)
 
     models = sub.add_parser("models", help="list models, versions and their state")
     models.add_argument("--url", default="localhost:8001", help="gateway address (host:port)")
     models.add_argument("--timeout", type=float, default=10.0)
     models.set_defaults(func=_models)
+
+    traffic = sub.add_parser("traffic", help="show and change traffic splits between versions")
+    actions = traffic.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default="localhost:8001", help="gateway address (host:port)")
+    common.add_argument("--timeout", type=float, default=10.0)
+    show = actions.add_parser("show", parents=[common], help="a model's split (all if omitted)")
+    show.add_argument("model", nargs="?")
+    setter = actions.add_parser("set", parents=[common],
+                                help="set a split, e.g. `set MODEL 1=90 2=10`")
+    setter.add_argument("model")
+    setter.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT",
+                        help="percents summing to 100 (or fractions summing to 1)")
+    shadow = actions.add_parser("shadow", parents=[common],
+                                help="mirror a share of requests to a version, off the response path")
+    shadow.add_argument("model")
+    shadow.add_argument("--to", required=True, metavar="VERSION")
+    shadow.add_argument("--percent", type=float, required=True)
+    unshadow = actions.add_parser("unshadow", parents=[common], help="stop mirroring")
+    unshadow.add_argument("model")
+    clear = actions.add_parser("clear", parents=[common],
+                               help="remove split and shadow: the newest version serves")
+    clear.add_argument("model")
+    history = actions.add_parser("history", parents=[common], help="audit log of changes")
+    history.add_argument("model", nargs="?", default="")
+    history.add_argument("--limit", type=int, default=50)
+    traffic.set_defaults(func=_traffic)
     return parser
 
 

@@ -20,10 +20,19 @@ class Settings:
     control_mode: str = "none"
     load_models: tuple[str, ...] = ()  # explicit mode: models loaded at start ("*" = all)
     poll_interval: float = 5.0  # seconds between repository scans in poll mode
+    state_poll_interval: float = 1.0  # seconds between checks of the shared traffic state file
     max_message_bytes: int = 64 * 1024 * 1024
     drain_seconds: float = 30.0  # grace for in-flight requests on SIGTERM
     cpu_threads_per_instance: int = 1  # ORT intra-op threads of each CPU model instance
     log_level: str = "INFO"
+    state_dir: Path | None = None  # operator state; default <repository>/.gateway
+
+    def state_directory(self) -> Path:
+        if self.state_dir is not None:
+            return self.state_dir
+        if self.model_repository.resolve() == DEMO_REPOSITORY.resolve():
+            return Path.home() / ".local" / "state" / "gateway" / "demo"  # not in site-packages
+        return self.model_repository / ".gateway"
 
     def validated(self) -> "Settings":
         if self.control_mode not in CONTROL_MODES:
@@ -40,7 +49,7 @@ def _convert(kind, text: str):
         return int(text)
     if kind in ("float", float):
         return float(text)
-    if kind in ("Path", Path):
+    if kind in ("Path", Path, "Path | None"):
         return Path(text)
     if kind == "tuple[str, ...]":
         return tuple(part for part in text.split(",") if part)

@@ -8,30 +8,37 @@ Protocol adapters decode into ``InferRequest`` before calling it and encode the
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import numpy as np
 
 from gateway.errors import GatewayError, InvalidArgument, Unavailable
 from gateway.modelconfig import ModelConfig
-from gateway.repository import Repository
+from gateway.repository import ServingVersion
+from gateway.routing import Router
 from gateway.tensors import InferRequest, InferResponse, Tensor
 
+log = logging.getLogger(__name__)
 now_ns = time.monotonic_ns
+MAX_SHADOW_INFLIGHT = 64  # mirrored requests beyond this are dropped, never queued
 
 
 class DataPlane:
-    def __init__(self, repository: Repository):
-        self.repository = repository
+    def __init__(self, router: Router):
+        self.router = router
         self.accepting = True
         self.inflight = 0
         self._idle = asyncio.Event()
+        self._shadows: set[asyncio.Task] = set()
+        self.shadow_dropped = 0
+        self.on_shadow = []  # callbacks(served, ok, seconds) after each mirrored request
 
     async def infer(self, request: InferRequest) -> InferResponse:
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry on another replica")
-        # Route: an explicit version as asked, otherwise the model's serving policy.
-        served = self.repository.version(request.model, request.version)
+        # Route: an explicit version as asked, otherwise the model's traffic policy.
+        served = self.router.route(request.model, request.version, request.routing_key)
         start = now_ns()
         self.inflight += 1
         try:
@@ -39,6 +46,8 @@ class DataPlane:
             config = served.config
             arrays, size, shape_key = prepare_inputs(config, request.inputs)
             wanted = requested_outputs(config, request.outputs)
+            if self.router.policies and not request.version:
+                self._maybe_mirror(request, served)
             # Batch and execute: the batcher queues, merges and runs on a free instance.
             outputs = await served.batcher.submit(arrays, size, shape_key, request.priority,
                                                   request.timeout_us, request.deadline_ns)
@@ -53,6 +62,34 @@ class DataPlane:
         tensors = [response_tensor(config, i, outputs[i], size) for i in wanted]
         served.stats.success.add(now_ns() - start)
         return InferResponse(request.model, served.version, request.id, tensors)
+
+    def _maybe_mirror(self, request: InferRequest, served: ServingVersion) -> None:
+        """Copy the request to the shadow version, off the response path, if one is set."""
+        shadow = self.router.shadow_target(request.model)
+        if shadow is None or shadow is served:
+            return
+        if len(self._shadows) >= MAX_SHADOW_INFLIGHT:
+            self.shadow_dropped += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._mirror(request, shadow))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _mirror(self, request: InferRequest, shadow: ServingVersion) -> None:
+        start = now_ns()
+        ok = False
+        try:
+            arrays, size, key = prepare_inputs(shadow.config, request.inputs)
+            await shadow.batcher.submit(arrays, size, key)
+            shadow.stats.success.add(now_ns() - start)
+            ok = True
+        except GatewayError:
+            shadow.stats.fail.add(now_ns() - start)
+        except Exception:
+            log.exception("shadow request to model '%s' version %s failed", shadow.model,
+                          shadow.version)
+        for callback in self.on_shadow:
+            callback(shadow, ok, (now_ns() - start) / 1e9)
 
     async def drain(self, grace_seconds: float) -> bool:
         """Refuse new requests and wait for in-flight ones; True if all finished in time."""

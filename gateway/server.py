@@ -18,9 +18,18 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway.config import Settings
 from gateway.dataplane import DataPlane
-from gateway.protocol.pb import grpc_service_pb2, grpc_service_pb2_grpc
+from gateway.protocol.admin import AdminServicer
+from gateway.protocol.pb import (
+    gateway_admin_pb2,
+    gateway_admin_pb2_grpc,
+    grpc_service_pb2,
+    grpc_service_pb2_grpc,
+)
 from gateway.protocol.servicer import InferenceServicer
 from gateway.repository import Repository
+from gateway.routing import Router
+from gateway.state import StateStore
+from gateway.traffic import TrafficControl
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -32,13 +41,15 @@ class GatewayServer:
         self.settings = settings
         self.repository = Repository(settings.model_repository, settings.cpu_threads_per_instance,
                                      settings.control_mode)
-        self.dataplane = DataPlane(self.repository)
+        self.router = Router(self.repository)
+        self.traffic = TrafficControl(self.router, StateStore(settings.state_directory()))
+        self.dataplane = DataPlane(self.router)
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.metrics_port = 0
         self._ready = False
         self._grpc: grpc.aio.Server | None = None
-        self._poller: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
         self.repository.on_change.append(self._model_changed)
 
@@ -55,9 +66,12 @@ class GatewayServer:
         self._grpc = grpc.aio.server(options=options)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane, self.repository, self.is_ready), self._grpc)
+        gateway_admin_pb2_grpc.add_GatewayAdminServicer_to_server(
+            AdminServicer(self.traffic), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection([
             grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            gateway_admin_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ], self._grpc)
@@ -65,9 +79,12 @@ class GatewayServer:
         await self._grpc.start()
         await self.health.set("", NOT_SERVING)
         self.metrics_port = self._start_metrics()
+        self.traffic.sync()
         await self._load_initial_models()
         if s.control_mode == "poll":
-            self._poller = asyncio.create_task(self._poll(), name="repository-poll")
+            self._tasks.append(asyncio.create_task(self._poll(), name="repository-poll"))
+        self._tasks.append(asyncio.create_task(self.traffic.watch(s.state_poll_interval),
+                                               name="traffic-watch"))
         self._ready = True
         await self.health.set("", SERVING)
 
@@ -126,8 +143,8 @@ class GatewayServer:
         self._stopped.set()
         self._ready = False
         await self.health.enter_graceful_shutdown()
-        if self._poller:
-            self._poller.cancel()
+        for task in self._tasks:
+            task.cancel()
         grace = self.settings.drain_seconds
         drained = await self.dataplane.drain(grace)
         if not drained:

@@ -1,0 +1,164 @@
+"""Side-by-side throughput: the gateway against the bare grpc.aio floor, in one run.
+
+Both servers run as separate processes on this machine; h2load replays one pre-serialised
+ModelInfer request at each in interleaved rounds (floor, gateway, floor, gateway ...) so drift in
+machine load hits both alike. Success is checked on the gateway itself (ModelStatistics), because
+h2load sees only HTTP status, not gRPC status.
+
+    python -m bench.compare --model tiny_mlp --streams 64 --seconds 10 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import h2load
+from bench.models import HEAVY_MLP, TINY_MLP, build_mlp, write_config
+from gateway.protocol.pb import grpc_service_pb2 as pb
+
+MLP_CONFIG = """
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 64
+dynamic_batching {{ }}
+instance_group [ {{ kind: KIND_CPU, count: {instances} }} ]
+"""
+SIZES = {"tiny_mlp": TINY_MLP, "heavy_mlp": HEAVY_MLP}
+
+
+def build_repository(root: Path, model: str, instances: int) -> Path:
+    model_dir = root / model
+    (model_dir / "1").mkdir(parents=True)
+    build_mlp(model_dir / "1" / "model.onnx", SIZES[model])
+    write_config(model_dir, MLP_CONFIG.format(name=model, instances=instances))
+    return root
+
+
+def start(cmd: list[str], pattern: str, timeout: float = 120) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        m = re.search(pattern, line)
+        if m:
+            return proc, int(m.group(1))
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError(f"{cmd[2]} did not start")
+
+
+def request_bytes(model: str, batch: int) -> bytes:
+    features = SIZES[model][0]
+    x = np.random.default_rng(0).standard_normal((batch, features), dtype=np.float32)
+    return pb.ModelInferRequest(
+        model_name=model,
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32",
+                                                      shape=x.shape)],
+        raw_input_contents=[x.tobytes()]).SerializeToString()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def successes(port: int, model: str) -> int:
+    import grpc
+
+    from gateway.protocol.pb import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), timeout=10)
+    return sum(s.inference_stats.success.count for s in stats.model_stats)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SIZES), default="tiny_mlp")
+    parser.add_argument("--batch", type=int, default=1, help="rows per request")
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--instances", type=int, default=1)
+    parser.add_argument("--gateway-arg", action="append", default=[],
+                        help="extra argument for gateway serve (repeatable)")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+    if not h2load.available():
+        print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = build_repository(Path(tmp), args.model, args.instances)
+        floor, floor_port = start([sys.executable, "-m", "bench.floor"], r"floor ready: grpc \S+:(\d+)")
+        gateway, gw_port = start([sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
+                                  "--grpc-port", "0", "--metrics-port", "-1",
+                                  "--model-repository", str(repo), "--log-level", "WARNING",
+                                  *args.gateway_arg], r"gateway ready: grpc \S+:(\d+)")
+        try:
+            request = request_bytes(args.model, args.batch)
+            rows = {"floor": [], "gateway": []}
+            cpu_us = {"floor": [], "gateway": []}
+            for _ in range(args.rounds):
+                for name, port, proc in (("floor", floor_port, floor),
+                                         ("gateway", gw_port, gateway)):
+                    before = successes(port, args.model) if name == "gateway" else 0
+                    cpu_before = cpu_seconds(proc.pid)
+                    result = h2load.run(f"127.0.0.1:{port}", request, args.streams,
+                                        args.connections, args.seconds)
+                    # h2load counts warm-up requests in CPU time but not in "done": approximate.
+                    cpu_us[name].append(round((cpu_seconds(proc.pid) - cpu_before) * 1e6
+                                              / max(1, result.done * (1 + 1 / args.seconds)), 1))
+                    if name == "gateway":
+                        ok = successes(port, args.model) - before
+                        if ok < result.done:
+                            raise RuntimeError(f"gateway answered {result.done - ok} requests "
+                                               "with a gRPC error")
+                    rows[name].append(result)
+        finally:
+            for proc in (floor, gateway):
+                proc.terminate()
+                proc.wait(30)
+    floor_rps = statistics.median(r.requests_per_s for r in rows["floor"])
+    gw_rps = statistics.median(r.requests_per_s for r in rows["gateway"])
+    summary = {
+        "model": args.model, "batch": args.batch, "streams": args.streams,
+        "seconds": args.seconds, "rounds": args.rounds, "instances": args.instances,
+        "floor_rps": [r.requests_per_s for r in rows["floor"]],
+        "gateway_rps": [r.requests_per_s for r in rows["gateway"]],
+        "floor_mean_ms": [r.mean_ms for r in rows["floor"]],
+        "gateway_mean_ms": [r.mean_ms for r in rows["gateway"]],
+        "ratio_median": round(gw_rps / floor_rps, 3),
+        "floor_cpu_us_per_request": cpu_us["floor"],
+        "gateway_cpu_us_per_request": cpu_us["gateway"],
+    }
+    print(f"{args.model} batch {args.batch}, {args.streams} streams, {args.rounds} rounds of "
+          f"{args.seconds:g}s")
+    print(f"  floor   : {floor_rps:9.0f} req/s  (rounds: "
+          f"{', '.join(f'{r.requests_per_s:.0f}' for r in rows['floor'])})")
+    print(f"  gateway : {gw_rps:9.0f} req/s  (rounds: "
+          f"{', '.join(f'{r.requests_per_s:.0f}' for r in rows['gateway'])})")
+    print(f"  ratio gateway/floor (medians): {summary['ratio_median']:.2f}")
+    print(f"  server CPU per request (us): floor {cpu_us['floor']}, gateway {cpu_us['gateway']}")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class VersionWeight(_message.Message):
+    __slots__ = ("version", "percent")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    percent: float
+    def __init__(self, version: _Optional[str] = ..., percent: _Optional[float] = ...) -> None: ...
+
+class ShadowPolicy(_message.Message):
+    __slots__ = ("version", "percent")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    percent: float
+    def __init__(self, version: _Optional[str] = ..., percent: _Optional[float] = ...) -> None: ...
+
+class TrafficStatus(_message.Message):
+    __slots__ = ("model", "split", "shadow", "effective", "serving_versions", "note")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    split: _containers.RepeatedCompositeFieldContainer[VersionWeight]
+    shadow: ShadowPolicy
+    effective: _containers.RepeatedCompositeFieldContainer[VersionWeight]
+    serving_versions: _containers.RepeatedScalarFieldContainer[str]
+    note: str
+    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., shadow: _Optional[_Union[ShadowPolicy, _Mapping]] = ..., effective: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., serving_versions: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ...) -> None: ...
+
+class GetTrafficRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListTrafficRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTrafficResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[TrafficStatus]
+    def __init__(self, models: _Optional[_Iterable[_Union[TrafficStatus, _Mapping]]] = ...) -> None: ...
+
+class SetTrafficRequest(_message.Message):
+    __slots__ = ("model", "split")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    split: _containers.RepeatedCompositeFieldContainer[VersionWeight]
+    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ...) -> None: ...
+
+class ClearTrafficRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class SetShadowRequest(_message.Message):
+    __slots__ = ("model", "version", "percent")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    percent: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., percent: _Optional[float] = ...) -> None: ...
+
+class ClearShadowRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class TrafficHistoryRequest(_message.Message):
+    __slots__ = ("model", "limit")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    limit: int
+    def __init__(self, model: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AuditRecord(_message.Message):
+    __slots__ = ("time", "who", "model", "action", "old_json", "new_json")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    OLD_JSON_FIELD_NUMBER: _ClassVar[int]
+    NEW_JSON_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    who: str
+    model: str
+    action: str
+    old_json: str
+    new_json: str
+    def __init__(self, time: _Optional[float] = ..., who: _Optional[str] = ..., model: _Optional[str] = ..., action: _Optional[str] = ..., old_json: _Optional[str] = ..., new_json: _Optional[str] = ...) -> None: ...
+
+class TrafficHistoryResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[AuditRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ...) -> None: ...

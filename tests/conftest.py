@@ -1,0 +1,92 @@
+"""Shared test fixtures: a real gateway process on ephemeral ports, and real model repositories."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+READY_LINE = re.compile(r"gateway ready: grpc (\S+):(\d+) metrics (-?\d+)")
+
+
+@dataclass
+class RunningGateway:
+    process: subprocess.Popen
+    port: int
+    metrics_port: int
+    output: deque = field(default_factory=lambda: deque(maxlen=2000))
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return "\n".join(self.output)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait: the exit code of a drained shutdown."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+@contextmanager
+def start_gateway(repository: Path | None = None, *args: str, env: dict | None = None,
+                  timeout: float = 90.0):
+    """Run ``gateway serve`` on ephemeral ports; yield once it reports ready; stop it after."""
+    cmd = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
+           "--grpc-port", "0", "--metrics-port", "0", *args]
+    if repository is not None:
+        cmd += ["--model-repository", str(repository)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, env={**os.environ, **(env or {})})
+    gateway = None
+    lines: deque = deque(maxlen=2000)
+    ready = threading.Event()
+    found: dict = {}
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            m = READY_LINE.search(line)
+            if m and not ready.is_set():
+                found["port"], found["metrics"] = int(m.group(2)), int(m.group(3))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.1):
+            if time.monotonic() > deadline:
+                raise RuntimeError("gateway did not become ready:\n" + "\n".join(lines))
+        if "port" not in found:
+            raise RuntimeError("gateway exited before ready:\n" + "\n".join(lines))
+        gateway = RunningGateway(proc, found["port"], found["metrics"], lines)
+        yield gateway
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def demo_gateway():
+    """The gateway serving its bundled demo repository, shared by read-only tests."""
+    with start_gateway() as gw:
+        yield gw
