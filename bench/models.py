@@ -223,6 +223,57 @@ def build_sequence_output_model(path) -> Path:
     return _save(graph, path, ml=True)
 
 
+def build_busy_model(path, width: int = 256, seed: int = 0) -> Path:
+    """Runs as long as the caller asks, so tests can hold a model instance busy on purpose.
+
+    ITERATIONS INT64 [batch,1] and INPUT0 FP32 [batch,4] -> OUTPUT0 FP32 [batch,4] = INPUT0.
+    A Loop multiplies a [width,width] matrix max(ITERATIONS) times (each pass costs about
+    width**3 multiply-adds) and adds zero times its sum to the output. A warm-up with zeros costs
+    nothing; a request with ITERATIONS=n keeps one instance busy for n passes.
+    """
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    s0 = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["s_in", "w"], ["prod"], name="matmul"),
+            helper.make_node("Tanh", ["prod"], ["s_out"], name="tanh"),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="cond"),
+        ],
+        "busy_body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [width, width]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [width, width]),
+        ],
+    )
+    nodes = [
+        helper.make_node("ReduceMax", ["ITERATIONS"], ["trips"], keepdims=0, name="trips"),
+        helper.make_node("Loop", ["trips", "true", "s0"], ["s_final"], body=body, name="loop"),
+        helper.make_node("ReduceSum", ["s_final"], ["total"], keepdims=0, name="total"),
+        helper.make_node("Mul", ["total", "zero"], ["nothing"], name="nothing"),
+        helper.make_node("Add", ["INPUT0", "nothing"], ["OUTPUT0"], name="output"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "busy",
+        [helper.make_tensor_value_info("ITERATIONS", TensorProto.INT64, ["batch", 1]),
+         _fp32("INPUT0", 4)],
+        [_fp32("OUTPUT0", 4)],
+        initializer=[
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(s0, "s0"),
+            numpy_helper.from_array(np.array(True), "true"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ],
+    )
+    return _save(graph, path)
+
+
 def write_config(model_dir, text: str) -> Path:
     """Write ``<model_dir>/config.pbtxt`` (dedented, one trailing newline)."""
     path = Path(model_dir) / "config.pbtxt"

@@ -30,7 +30,7 @@ from gateway.errors import (
 )
 from gateway.modelconfig import BatchingConfig, QueuePolicy
 from gateway.statistics import ModelStats
-from runtimes.base import Runtime
+from runtimes.base import ExecutionError, Runtime
 
 log = logging.getLogger(__name__)
 now_ns = time.monotonic_ns
@@ -48,10 +48,20 @@ class Instance:
 class QueuedRequest:
     """A request waiting in the batcher; ``inputs`` are in the model's input order."""
 
-    __slots__ = ("inputs", "size", "key", "future", "enqueued_ns", "expires_ns", "reject_on_expiry",
-                 "level")
+    __slots__ = (
+        "deadline_ns",
+        "enqueued_ns",
+        "expires_ns",
+        "future",
+        "inputs",
+        "key",
+        "level",
+        "reject_on_expiry",
+        "size",
+    )
 
-    def __init__(self, inputs, size, key, future, enqueued_ns, expires_ns, reject_on_expiry, level):
+    def __init__(self, inputs, size, key, future, enqueued_ns, expires_ns, reject_on_expiry, level,
+                 deadline_ns=0):
         self.inputs = inputs
         self.size = size
         self.key = key
@@ -60,12 +70,13 @@ class QueuedRequest:
         self.expires_ns = expires_ns
         self.reject_on_expiry = reject_on_expiry
         self.level = level
+        self.deadline_ns = deadline_ns  # the caller's own deadline, kept once DELAY applies
 
 
 class _Level:
     """One priority level: requests in arrival order, then those delayed by their timeout."""
 
-    __slots__ = ("ready", "delayed", "policy")
+    __slots__ = ("delayed", "policy", "ready")
 
     def __init__(self, policy: QueuePolicy):
         self.ready: deque[QueuedRequest] = deque()
@@ -105,6 +116,9 @@ class Batcher:
         self._closed = False
         self._workers: list[asyncio.Task] = []
         self._label = f"model '{model}' version {version}"
+        # Called after each batch: (batcher, requests, feeds, size, start_ns, infer_ns, done_ns).
+        # Monitoring hangs here; it must be cheap or hand off to another thread.
+        self.observer = None
 
     @property
     def queue_depth(self) -> int:
@@ -136,7 +150,7 @@ class Batcher:
             expires, reject = deadline_ns, True  # past the caller's deadline nobody waits
         future = asyncio.get_running_loop().create_future()
         level.ready.append(QueuedRequest(inputs, size, key, future, enqueued, expires, reject,
-                                         level_index))
+                                         level_index, deadline_ns))
         self._pending += 1
         self._wakeup.set()
         return future
@@ -147,7 +161,12 @@ class Batcher:
             batch = await self._next_batch()
             if batch is None:
                 return
-            await self._execute(loop, instance, batch)
+            try:
+                await self._execute(loop, instance, batch)
+            except Exception as exc:  # our bug: fail the batch, keep the worker alive
+                log.exception("%s: unexpected error running a batch", self._label)
+                self._fail(batch, ModelExecutionError(
+                    f"{self._label}: internal error running the batch ({type(exc).__name__})"))
 
     async def _next_batch(self) -> list[QueuedRequest] | None:
         while True:
@@ -176,10 +195,15 @@ class Batcher:
             return batch
 
     def _take(self, limit: int, key) -> tuple[list[QueuedRequest], int]:
-        """Pop up to ``limit`` samples of one shape key, highest priority first, FIFO within."""
+        """Pop up to ``limit`` samples of one shape key, highest priority first, FIFO within.
+
+        A new batch (``key`` None) always takes its first request, even one larger than
+        ``limit`` (a multi-row request to a model without dynamic batching runs alone).
+        """
         batch: list[QueuedRequest] = []
         size = 0
         now = now_ns()
+        starting = key is None
         for level in self._levels:
             for queue in (level.ready, level.delayed):
                 while queue:
@@ -188,18 +212,19 @@ class Batcher:
                         queue.popleft()
                         self._pending -= 1
                         continue
-                    if item.expires_ns and now > item.expires_ns and queue is level.ready:
+                    if item.expires_ns and now > item.expires_ns:
                         queue.popleft()
                         if item.reject_on_expiry:
                             self._pending -= 1
                             item.future.set_exception(DeadlineExceeded(
                                 f"{self._label}: request timed out in the queue"))
-                        else:
+                        else:  # DELAY: behind the others, but not past the caller's deadline
+                            item.expires_ns, item.reject_on_expiry = item.deadline_ns, True
                             level.delayed.append(item)
                         continue
                     if key is None:
                         key = item.key
-                    if item.key != key or size + item.size > limit:
+                    if item.key != key or (size + item.size > limit and not (starting and not batch)):
                         return batch, size
                     queue.popleft()
                     self._pending -= 1
@@ -214,7 +239,7 @@ class Batcher:
             return
         keep, total = 0, 0
         for item in batch:
-            if total + item.size > fitting[-1]:
+            if keep and total + item.size > fitting[-1]:  # the first request always runs
                 break
             total += item.size
             keep += 1
@@ -243,13 +268,14 @@ class Batcher:
                                                  feeds, self.output_names)
         except Exception as exc:  # the model failed: fail this batch only
             log.warning("%s failed on a batch of %d: %s", self._label, size, exc)
-            self._fail(batch, ModelExecutionError(
-                f"{self._label} failed to execute: {_short(exc)}"))
+            detail = str(exc) if isinstance(exc, ExecutionError) else type(exc).__name__
+            self._fail(batch, ModelExecutionError(f"{self._label} failed to execute: {detail}"))
             return
         infer_done = now_ns()
-        if self.batching and any(len(out) != size for out in outputs):
+        if self.batching and any(np.ndim(out) == 0 or len(out) != size for out in outputs):
+            rows = [len(o) if np.ndim(o) else 0 for o in outputs]  # a scalar has no batch rows
             self._fail(batch, ModelExecutionError(
-                f"{self._label} returned {[len(o) for o in outputs]} rows for a batch of {size}"))
+                f"{self._label} returned {rows} rows for a batch of {size}"))
             return
         if len(batch) == 1:
             if not batch[0].future.done():
@@ -261,9 +287,12 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_result([out[offset:end] for out in outputs])
                 offset = end
+        done = now_ns()
         stats.record_batch(size, len(batch), input_done - start, infer_done - input_done,
-                           now_ns() - infer_done)
+                           done - infer_done)
         stats.last_inference_ms = time.time_ns() // 1_000_000
+        if self.observer is not None:
+            self.observer(self, batch, feeds, size, start, infer_done - input_done, done)
 
     def _fail(self, batch: list[QueuedRequest], error: GatewayError) -> None:
         for item in batch:
@@ -279,8 +308,3 @@ class Batcher:
         for inst in self.instances:
             inst.executor.shutdown(wait=True)
             inst.runtime.close()
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text.split(" : ", 1)[-1][:300]

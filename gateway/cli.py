@@ -137,7 +137,7 @@ def _traffic(args) -> int:
         response = _admin_call(args, "TrafficHistory",
                                apb.TrafficHistoryRequest(model=args.model, limit=args.limit))
         for r in response.records:
-            when = datetime.datetime.fromtimestamp(r.time, datetime.timezone.utc)
+            when = datetime.datetime.fromtimestamp(r.time, datetime.UTC)
             print(f"{when:%Y-%m-%d %H:%M:%S}Z  {r.model}  {r.action:<12}  by {r.who}\n"
                   f"    old: {r.old_json}\n    new: {r.new_json}")
         if not response.records:

@@ -34,7 +34,7 @@ class Settings:
             return Path.home() / ".local" / "state" / "gateway" / "demo"  # not in site-packages
         return self.model_repository / ".gateway"
 
-    def validated(self) -> "Settings":
+    def validated(self) -> Settings:
         if self.control_mode not in CONTROL_MODES:
             raise ValueError(f"control mode must be one of {', '.join(CONTROL_MODES)}")
         if not self.model_repository.is_dir():

@@ -33,15 +33,19 @@ class DataPlane:
         self._shadows: set[asyncio.Task] = set()
         self.shadow_dropped = 0
         self.on_shadow = []  # callbacks(served, ok, seconds) after each mirrored request
+        # Called once per request: (model name as asked, serving version or None, status code
+        # name, elapsed ns). Monitoring hangs here; it must be cheap.
+        self.observer = None
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        if not self.accepting:
-            raise Unavailable("the server is shutting down; retry on another replica")
-        # Route: an explicit version as asked, otherwise the model's traffic policy.
-        served = self.router.route(request.model, request.version, request.routing_key)
         start = now_ns()
+        served = None
         self.inflight += 1
         try:
+            if not self.accepting:
+                raise Unavailable("the server is shutting down; retry on another replica")
+            # Route: an explicit version as asked, otherwise the model's traffic policy.
+            served = self.router.route(request.model, request.version, request.routing_key)
             # Validate against the served version's config, before anything reaches the model.
             config = served.config
             arrays, size, shape_key = prepare_inputs(config, request.inputs)
@@ -51,17 +55,29 @@ class DataPlane:
             # Batch and execute: the batcher queues, merges and runs on a free instance.
             outputs = await served.batcher.submit(arrays, size, shape_key, request.priority,
                                                   request.timeout_us, request.deadline_ns)
-        except GatewayError:
-            served.stats.fail.add(now_ns() - start)
+            # Respond with the outputs asked for, named by the version that actually served.
+            tensors = [response_tensor(config, i, outputs[i], size) for i in wanted]
+        except GatewayError as exc:
+            self._finished(request, served, exc.code, start)
+            raise
+        except asyncio.CancelledError:
+            self._finished(request, served, "CANCELLED", start)
             raise
         finally:
             self.inflight -= 1
             if not self.inflight and not self.accepting:
                 self._idle.set()
-        # Respond with the outputs asked for, named by the version that actually served.
-        tensors = [response_tensor(config, i, outputs[i], size) for i in wanted]
-        served.stats.success.add(now_ns() - start)
+        self._finished(request, served, "OK", start)
         return InferResponse(request.model, served.version, request.id, tensors)
+
+    def _finished(self, request: InferRequest, served: ServingVersion | None, code: str,
+                  start_ns: int) -> None:
+        """Account one request: statistics of the version that served it, then the observer."""
+        elapsed = now_ns() - start_ns
+        if served is not None:
+            (served.stats.success if code == "OK" else served.stats.fail).add(elapsed)
+        if self.observer is not None:
+            self.observer(request.model, served, code, elapsed)
 
     def _maybe_mirror(self, request: InferRequest, served: ServingVersion) -> None:
         """Copy the request to the shadow version, off the response path, if one is set."""

@@ -9,8 +9,8 @@ message is kept only so the ModelConfig RPC can return it.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -112,8 +112,28 @@ def read_config_file(model_dir: Path, name: str) -> tuple[mc.ModelConfig, bool]:
         raise ModelLoadError(
             f"config.pbtxt names the model '{proto.name}' but its directory is '{name}'")
     proto.name = name
-    explicit_batch = re.search(r"^\s*max_batch_size\s*:", text, re.MULTILINE) is not None
-    return proto, explicit_batch
+    return proto, _names_max_batch_size(text)
+
+
+def _names_max_batch_size(text: str) -> bool:
+    """Whether the config sets max_batch_size at its top level, even to 0 (the proto default).
+
+    Read from the tokens, not the lines: text format ignores line breaks, and comments or
+    strings that mention the field do not set it.
+    """
+    tokens = text_format.Tokenizer(text.splitlines())
+    depth, previous = 0, ""
+    while not tokens.AtEnd():
+        token = tokens.token
+        if token in ("{", "<"):
+            depth += 1
+        elif token in ("}", ">"):
+            depth -= 1
+        elif token == ":" and depth == 0 and previous == "max_batch_size":
+            return True
+        previous = token
+        tokens.NextToken()
+    return False
 
 
 def _datatype_name(enum_value: int) -> str:
@@ -197,7 +217,7 @@ def validate(proto: mc.ModelConfig, io: ModelIO) -> ModelConfig:
 def _check_tensor(t, declared: dict[str, TensorSpec], kind: str, skip: int) -> TensorSpec:
     spec = declared.get(t.name)
     if spec is None:
-        raise ModelLoadError(f"config.pbtxt {kind} '{t.name}' is not a {kind} of the model file")
+        raise ModelLoadError(f"config.pbtxt {kind} '{t.name}' is not an {kind} of the model file")
     datatype = _datatype_name(t.data_type)
     if datatype not in DATATYPES:
         raise ModelLoadError(f"{kind} '{t.name}' has unsupported data_type {datatype}")
@@ -220,6 +240,9 @@ def _check_tensor(t, declared: dict[str, TensorSpec], kind: str, skip: int) -> T
             + (" (batch dim excluded)" if skip else ""))
     if reshape is not None and (-1 in dims or -1 in reshape) and dims != reshape:
         raise ModelLoadError(f"{kind} '{t.name}': reshape with variable dims is not supported")
+    if reshape is not None and prod(dims) != prod(reshape):
+        raise ModelLoadError(f"{kind} '{t.name}': dims {list(dims)} and reshape {list(reshape)} "
+                             "hold different numbers of elements")
     return TensorSpec(t.name, datatype, dims, optional=bool(getattr(t, "optional", False)),
                       reshape=reshape)
 

@@ -70,6 +70,7 @@ class Repository:
         self.models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.on_change = []  # callbacks(model_name) after a model's serving set changes
+        self.batch_observer = None  # given to every Batcher (see Batcher.observer)
 
     # ---- reading (request path) ----------------------------------------------------------
 
@@ -197,6 +198,7 @@ class Repository:
             batcher = Batcher(name, key, config.max_batch_size, config.batching, loaded.instances,
                               [i.name for i in config.inputs], [o.name for o in config.outputs],
                               stats)
+            batcher.observer = self.batch_observer
             batcher.start()
             new_serving[key] = ServingVersion(name, key, config, batcher, stats, signature)
             log.info("model '%s' version %s ready (%d instance%s)", name, key,

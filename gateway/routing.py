@@ -74,7 +74,7 @@ class TrafficPolicy:
                            if self.shadow else None)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "TrafficPolicy":
+    def from_json(cls, data: dict) -> TrafficPolicy:
         weights = normalise_weights(data.get("weights") or {}) if data.get("weights") else {}
         shadow = data.get("shadow")
         return cls(weights, Shadow(str(shadow["version"]), float(shadow["percent"]))
@@ -84,7 +84,7 @@ class TrafficPolicy:
 class _Table:
     """A policy resolved against the versions serving now: cumulative slot bounds."""
 
-    __slots__ = ("bounds", "versions", "fallback", "serving")
+    __slots__ = ("bounds", "fallback", "serving", "versions")
 
     def __init__(self, policy: TrafficPolicy, serving: dict[str, ServingVersion]):
         self.serving = serving

@@ -16,6 +16,10 @@ import numpy as np
 from gateway.tensors import TensorSpec
 
 
+class ExecutionError(Exception):
+    """The model failed on a batch; the message is safe to show a caller (no paths)."""
+
+
 @dataclass(slots=True)
 class ModelIO:
     """Inputs and outputs as the model file declares them; dims include the batch dim.
@@ -42,7 +46,10 @@ class Runtime(Protocol):
     device: str
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
-        """Execute once; ``output_names`` must all be tensor outputs."""
+        """Execute once; ``output_names`` must all be tensor outputs.
+
+        Raises ``ExecutionError`` when the model fails on these inputs.
+        """
 
     def close(self) -> None:
         """Release the session and its memory."""

@@ -8,6 +8,7 @@ instance is the CPU default; raise it per model with the ``intra_op_thread_count
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import onnxruntime as ort
 
 from gateway.errors import ModelLoadError
 from gateway.tensors import TensorSpec
-from runtimes.base import ModelIO, RuntimeOptions
+from runtimes.base import ExecutionError, ModelIO, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,15 @@ class OrtRuntime:
         return ModelIO(inputs, outputs, unsupported)
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
+        try:
+            return self._run(feeds, output_names)
+        except UnicodeDecodeError as exc:
+            raise ExecutionError(f"a BYTES input is not valid UTF-8 (at byte {exc.start}); "
+                                 "ONNX string tensors hold text") from None
+        except Exception as exc:  # ORT raises several private exception types
+            raise ExecutionError(_short(exc)) from exc
+
+    def _run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
         # ORT string tensors hold str; it would str() a bytes object ("b'..'"), so decode here.
         for name in self._string_inputs:
             feeds[name] = _to_str(feeds[name])
@@ -120,7 +130,16 @@ def _to_str(array: np.ndarray) -> np.ndarray:
     return out.reshape(array.shape)
 
 
+# The directories of an absolute path ("/srv/repo/m/1/" in "/srv/repo/m/1/model.onnx").
+_DIRECTORIES = re.compile(r"(?<![\w.])/(?:[^\s/'\"]+/)+(?=[^\s/'\"])")
+
+
 def _short(exc: Exception) -> str:
     """ORT messages can carry absolute paths; keep the first line without them."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text.split(" : ", 1)[-1][:300]
+    text = _ORT_PREFIX.sub("", text)
+    return _DIRECTORIES.sub("", text)[:300]
+
+
+# "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : " says nothing to a caller.
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")

@@ -17,6 +17,7 @@ from gateway.protocol.pb import grpc_service_pb2 as pb
 from gateway.tensors import DATATYPE_TO_DTYPE, InferRequest, InferResponse, Tensor
 
 MAX_ELEMENTS = 1 << 31  # per tensor; well above any message gRPC lets through
+MAX_DIMS = 32  # numpy 1.x's limit (2.x allows 64); no model has more
 
 # KServe datatype -> the typed contents field that may carry it (FP16 has none).
 TYPED_FIELD = {
@@ -49,9 +50,15 @@ def decode_request(msg: pb.ModelInferRequest, routing_key: str | None = None,
         shape = tuple(tensor.shape)
         if any(d < 0 for d in shape):
             raise InvalidArgument(f"input '{name}' has a negative dimension in shape {list(shape)}")
+        if len(shape) > MAX_DIMS:
+            raise InvalidArgument(
+                f"input '{name}' has {len(shape)} dimensions; the limit is {MAX_DIMS}")
         count = prod(shape)
-        if count > MAX_ELEMENTS:
-            raise InvalidArgument(f"input '{name}' has {count} elements; the limit is {MAX_ELEMENTS}")
+        # Zero-size tensors too: numpy refuses shapes whose non-zero dims overflow its size.
+        if prod(d for d in shape if d) > MAX_ELEMENTS:
+            raise InvalidArgument(
+                f"input '{name}' shape {list(shape)} is too large; the limit is {MAX_ELEMENTS} "
+                "elements")
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidArgument(
