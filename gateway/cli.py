@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,10 @@ def _serve(args) -> int:
         "cpu_threads_per_instance": args.cpu_threads,
         "log_level": args.log_level,
         "state_dir": args.state_dir,
+        "auth_tokens": args.auth_tokens,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
     }.items() if v is not None}
     try:
         settings = replace(settings, **changes).validated()
@@ -46,16 +51,31 @@ def _serve(args) -> int:
     return 0
 
 
+def _channel(args):
+    """A channel to the gateway named by --url, with --tls-ca and the token if given."""
+    import grpc
+
+    if args.tls_ca:
+        return grpc.secure_channel(args.url, grpc.ssl_channel_credentials(args.tls_ca.read_bytes()))
+    return grpc.insecure_channel(args.url)
+
+
+def _call_metadata(args):
+    token = args.token or os.environ.get("GATEWAY_TOKEN")
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
 def _models(args) -> int:
     import grpc
 
     from gateway.protocol.pb import grpc_service_pb2 as pb
     from gateway.protocol.pb import grpc_service_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.url) as channel:
+    with _channel(args) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
-            index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=args.timeout)
+            index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=args.timeout,
+                                         metadata=_call_metadata(args))
         except grpc.RpcError as exc:
             print(f"gateway models: {args.url}: {exc.code().name}: {exc.details()}",
                   file=sys.stderr)
@@ -74,10 +94,11 @@ def _admin_call(args, method: str, request):
 
     from gateway.protocol.pb import gateway_admin_pb2_grpc as apb_grpc
 
-    with grpc.insecure_channel(args.url) as channel:
+    with _channel(args) as channel:
         stub = apb_grpc.GatewayAdminStub(channel)
         try:
-            return getattr(stub, method)(request, timeout=args.timeout)
+            return getattr(stub, method)(request, timeout=args.timeout,
+                                         metadata=_call_metadata(args))
         except grpc.RpcError as exc:
             print(f"gateway {args.command} {args.action}: {exc.code().name}: {exc.details()}",
                   file=sys.stderr)
@@ -166,18 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", type=Path,
                        help="operator state (traffic splits, audit log); default "
                             "<repository>/.gateway, shared by replicas of one repository")
+    serve.add_argument("--auth-tokens", type=Path, metavar="FILE",
+                       help="require 'authorization: Bearer TOKEN'; FILE has 'ROLE TOKEN [NAME]' "
+                            "lines, roles infer and admin; re-read on SIGHUP")
+    serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve gRPC over TLS")
+    serve.add_argument("--tls-key", type=Path, metavar="PEM")
+    serve.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                       help="mutual TLS: require client certificates signed by this CA")
     serve.set_defaults(func=_serve)
 
-    models = sub.add_parser("models", help="list models, versions and their state")
-    models.add_argument("--url", default="localhost:8001", help="gateway address (host:port)")
-    models.add_argument("--timeout", type=float, default=10.0)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default="localhost:8001", help="gateway address (host:port)")
+    common.add_argument("--timeout", type=float, default=10.0)
+    common.add_argument("--token", help="bearer token (default: $GATEWAY_TOKEN)")
+    common.add_argument("--tls-ca", type=Path, metavar="PEM",
+                        help="connect over TLS, trusting this CA")
+
+    models = sub.add_parser("models", parents=[common],
+                            help="list models, versions and their state")
     models.set_defaults(func=_models)
 
     traffic = sub.add_parser("traffic", help="show and change traffic splits between versions")
     actions = traffic.add_subparsers(dest="action", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default="localhost:8001", help="gateway address (host:port)")
-    common.add_argument("--timeout", type=float, default=10.0)
     show = actions.add_parser("show", parents=[common], help="a model's split (all if omitted)")
     show.add_argument("model", nargs="?")
     setter = actions.add_parser("set", parents=[common],

@@ -26,6 +26,10 @@ class Settings:
     cpu_threads_per_instance: int = 1  # ORT intra-op threads of each CPU model instance
     log_level: str = "INFO"
     state_dir: Path | None = None  # operator state; default <repository>/.gateway
+    auth_tokens: Path | None = None  # "ROLE TOKEN [NAME]" lines; None = no authentication
+    tls_cert: Path | None = None  # PEM certificate chain for the gRPC port
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA: clients must present a certificate it signed
 
     def state_directory(self) -> Path:
         if self.state_dir is not None:
@@ -41,6 +45,20 @@ class Settings:
             raise ValueError(f"model repository {self.model_repository} is not a directory")
         if self.poll_interval <= 0 or self.drain_seconds < 0:
             raise ValueError("poll interval must be positive and drain seconds not negative")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        for path in (self.auth_tokens, self.tls_cert, self.tls_key, self.tls_client_ca):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path} is not a readable file")
+        if self.auth_tokens is not None:
+            from gateway.auth import parse_tokens
+
+            try:
+                parse_tokens(self.auth_tokens.read_text())
+            except ValueError as exc:
+                raise ValueError(f"{self.auth_tokens}: {exc}") from None
         return self
 
 

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway.auth import AuthInterceptor, TokenAuthenticator
 from gateway.config import Settings
 from gateway.dataplane import DataPlane
 from gateway.protocol.admin import AdminServicer
@@ -45,6 +46,8 @@ class GatewayServer:
         self.traffic = TrafficControl(self.router, StateStore(settings.state_directory()))
         self.dataplane = DataPlane(self.router)
         self.health = health.aio.HealthServicer()
+        self.authenticator = (TokenAuthenticator(settings.auth_tokens) if settings.auth_tokens
+                              else None)
         self.grpc_port = 0
         self.metrics_port = 0
         self._ready = False
@@ -63,7 +66,8 @@ class GatewayServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
         ]
-        self._grpc = grpc.aio.server(options=options)
+        interceptors = [AuthInterceptor(self.authenticator)] if self.authenticator else []
+        self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane, self.repository, self.is_ready), self._grpc)
         gateway_admin_pb2_grpc.add_GatewayAdminServicer_to_server(
@@ -75,7 +79,11 @@ class GatewayServer:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ], self._grpc)
-        self.grpc_port = self._grpc.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
+        address = f"{_host(s.host)}:{s.grpc_port}"
+        if s.tls_cert:
+            self.grpc_port = self._grpc.add_secure_port(address, server_credentials(s))
+        else:
+            self.grpc_port = self._grpc.add_insecure_port(address)
         await self._grpc.start()
         await self.health.set("", NOT_SERVING)
         self.metrics_port = self._start_metrics()
@@ -158,6 +166,13 @@ class GatewayServer:
         await self._stopped.wait()
 
 
+def server_credentials(s: Settings) -> grpc.ServerCredentials:
+    """TLS for the gRPC port; with a client CA, clients must present a certificate it signed."""
+    ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
+    return grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+                                       root_certificates=ca, require_client_auth=ca is not None)
+
+
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
@@ -169,6 +184,8 @@ async def serve(settings: Settings) -> None:
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
+    if server.authenticator is not None:
+        loop.add_signal_handler(signal.SIGHUP, server.authenticator.reload)
     await server.start()
     print(f"gateway ready: grpc {settings.host}:{server.grpc_port} "
           f"metrics {server.metrics_port}", flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from gateway.auth import IDENTITY
 from gateway.errors import InvalidArgument
 from gateway.protocol.pb import gateway_admin_pb2 as apb
 from gateway.protocol.pb import gateway_admin_pb2_grpc as apb_grpc
@@ -14,8 +15,7 @@ from gateway.traffic import TrafficControl
 
 def caller(context) -> str:
     """Who made a change, for the audit log: the authenticated identity, else the peer."""
-    identity = getattr(context, "gateway_identity", None)
-    return identity or context.peer() or "unknown"
+    return IDENTITY.get() or context.peer() or "unknown"
 
 
 class AdminServicer(apb_grpc.GatewayAdminServicer):

@@ -42,7 +42,7 @@ def build_repo(root, versions=(1, 2), failing_shadow=False):
 def cli(url, *args):
     """Run `gateway traffic ...` as an operator would; return (exit code, stdout, stderr)."""
     done = subprocess.run([sys.executable, "-m", "gateway", "traffic", *args, "--url", url],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+                          capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
     return done.returncode, done.stdout, done.stderr
 
 
