@@ -160,11 +160,26 @@ def prepare_inputs(config: ModelConfig, tensors: list[Tensor]) -> tuple[list[np.
             raise InvalidArgument(
                 f"input '{t.name}' has shape {list(shape)}; the model expects {expected}")
         data = t.data
+        if spec.datatype == "BYTES":
+            check_text(t.name, data)
         if spec.reshape is not None:
             data = data.reshape(((size,) if batching else ()) + spec.reshape)
         arrays[index] = data
     key = tuple(a.shape[1:] for a in arrays) if batching else ()
     return arrays, size or 1, key
+
+
+def check_text(name: str, data: np.ndarray) -> None:
+    """ONNX string tensors hold UTF-8 text. Other bytes are the caller's error, caught here
+    before the request can share a batch, and so its failure, with other callers' requests."""
+    for i, value in enumerate(data.reshape(-1)):
+        if isinstance(value, bytes):
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidArgument(
+                    f"input '{name}': BYTES element {i} is not valid UTF-8 (at byte {exc.start}); "
+                    "ONNX string tensors hold text") from None
 
 
 def requested_outputs(config: ModelConfig, names: list[str]) -> list[int]:
