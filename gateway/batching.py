@@ -92,7 +92,8 @@ class Batcher:
 
     def __init__(self, model: str, version: str, max_batch_size: int,
                  batching: BatchingConfig | None, instances: list[Instance],
-                 input_names: list[str], output_names: list[str], stats: ModelStats):
+                 input_names: list[str], output_names: list[str], stats: ModelStats,
+                 execution_timeout_s: float = 0.0):
         self.model = model
         self.version = version
         self.batching = max_batch_size > 0
@@ -115,6 +116,9 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._closed = False
         self._workers: list[asyncio.Task] = []
+        # A batch running longer than this takes its instance out of service (0 = never).
+        self.execution_timeout_s = execution_timeout_s
+        self._stuck: set[str] = set()  # names of instances whose thread never came back
         self._label = f"model '{model}' version {version}"
         # Called after each batch: (batcher, requests, feeds, size, start_ns, infer_ns, done_ns).
         # Monitoring hangs here; it must be cheap or hand off to another thread.
@@ -133,6 +137,9 @@ class Batcher:
         """Queue one request; the returned future resolves to its list of output arrays."""
         if self._closed:
             raise Unavailable(f"{self._label} is unloading")
+        if len(self._stuck) == len(self.instances):
+            raise Unavailable(f"{self._label}: every instance is stuck in a model call; "
+                              "reload the model")
         level_index = (priority or self.default_level or 1) - 1
         if not 0 <= level_index < len(self._levels):
             level_index = len(self._levels) - 1
@@ -163,6 +170,9 @@ class Batcher:
                 return
             try:
                 await self._execute(loop, instance, batch)
+            except _InstanceStuck:
+                self._retire_stuck(instance)
+                return
             except Exception as exc:  # our bug: fail the batch, keep the worker alive
                 log.exception("%s: unexpected error running a batch", self._label)
                 self._fail(batch, ModelExecutionError(
@@ -264,8 +274,17 @@ class Batcher:
                      in zip(self.input_names, zip(*(item.inputs for item in batch)))}
         input_done = now_ns()
         try:
-            outputs = await loop.run_in_executor(instance.executor, instance.runtime.run,
-                                                 feeds, self.output_names)
+            call = loop.run_in_executor(instance.executor, instance.runtime.run, feeds,
+                                        self.output_names)
+            if self.execution_timeout_s:
+                outputs = await asyncio.wait_for(call, self.execution_timeout_s)
+            else:
+                outputs = await call
+        except TimeoutError:
+            self._fail(batch, ModelExecutionError(
+                f"{self._label} did not finish a batch within {self.execution_timeout_s:g}s; "
+                "its instance is taken out of service"))
+            raise _InstanceStuck from None
         except Exception as exc:  # the model failed: fail this batch only
             log.warning("%s failed on a batch of %d: %s", self._label, size, exc)
             detail = str(exc) if isinstance(exc, ExecutionError) else type(exc).__name__
@@ -299,6 +318,24 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(error)
 
+    def _retire_stuck(self, instance: Instance) -> None:
+        """An instance's thread is stuck in the model: stop using it; fail over to the rest."""
+        self._stuck.add(instance.name)
+        log.error("%s: instance %s is stuck in a model call and is out of service (%d of %d "
+                  "left)", self._label, instance.name, len(self.instances) - len(self._stuck),
+                  len(self.instances))
+        if len(self._stuck) < len(self.instances):
+            return
+        error = Unavailable(f"{self._label}: every instance is stuck in a model call; "
+                            "reload the model")
+        for level in self._levels:
+            for queue in (level.ready, level.delayed):
+                while queue:
+                    item = queue.popleft()
+                    if not item.future.done():
+                        item.future.set_exception(error)
+        self._pending = 0
+
     async def close(self) -> None:
         """Stop taking requests, finish everything queued and running, release the instances."""
         self._closed = True
@@ -306,5 +343,11 @@ class Batcher:
         if self._workers:
             await asyncio.gather(*self._workers, return_exceptions=True)
         for inst in self.instances:
-            inst.executor.shutdown(wait=True)
-            inst.runtime.close()
+            stuck = inst.name in self._stuck
+            inst.executor.shutdown(wait=not stuck)  # a stuck thread would never be joined
+            if not stuck:
+                inst.runtime.close()
+
+
+class _InstanceStuck(Exception):
+    """Raised inside a worker whose model call outlived the execution timeout."""

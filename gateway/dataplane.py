@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from gateway.errors import GatewayError, InvalidArgument, Unavailable
+from gateway.errors import GatewayError, InvalidArgument, ResourceExhausted, Unavailable
 from gateway.modelconfig import ModelConfig
 from gateway.repository import ServingVersion
 from gateway.routing import Router
@@ -25,10 +25,14 @@ MAX_SHADOW_INFLIGHT = 64  # mirrored requests beyond this are dropped, never que
 
 
 class DataPlane:
-    def __init__(self, router: Router):
+    def __init__(self, router: Router, max_inflight: int = 8192,
+                 max_inflight_per_model: int = 2048):
         self.router = router
         self.accepting = True
         self.inflight = 0
+        self.max_inflight = max_inflight
+        self.max_inflight_per_model = max_inflight_per_model
+        self._per_model: dict[str, int] = {}  # model -> requests in flight
         self._idle = asyncio.Event()
         self._shadows: set[asyncio.Task] = set()
         self.shadow_dropped = 0
@@ -40,12 +44,24 @@ class DataPlane:
     async def infer(self, request: InferRequest) -> InferResponse:
         start = now_ns()
         served = None
+        counted = None
         self.inflight += 1
         try:
             if not self.accepting:
                 raise Unavailable("the server is shutting down; retry on another replica")
+            if self.inflight > self.max_inflight:
+                raise ResourceExhausted(
+                    f"the server has {self.max_inflight} requests in flight; retry later")
             # Route: an explicit version as asked, otherwise the model's traffic policy.
             served = self.router.route(request.model, request.version, request.routing_key)
+            counted = served.model
+            model_inflight = self._per_model.get(counted, 0)
+            if model_inflight >= self.max_inflight_per_model:
+                counted = None
+                raise ResourceExhausted(f"model '{served.model}' has "
+                                        f"{self.max_inflight_per_model} requests in flight; "
+                                        "retry later")
+            self._per_model[served.model] = model_inflight + 1
             # Validate against the served version's config, before anything reaches the model.
             config = served.config
             arrays, size, shape_key = prepare_inputs(config, request.inputs)
@@ -65,6 +81,8 @@ class DataPlane:
             raise
         finally:
             self.inflight -= 1
+            if counted is not None:
+                self._per_model[counted] -= 1
             if not self.inflight and not self.accepting:
                 self._idle.set()
         self._finished(request, served, "OK", start)

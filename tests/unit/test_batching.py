@@ -707,3 +707,40 @@ async def test_statistics_count_batches_requests_and_samples(make):
     assert s.batches[4].compute_infer.count == 1 and s.batches[2].compute_infer.count == 1
     assert s.compute_infer.ns >= 0 and s.queue.ns >= 0
     assert s.last_inference_ms > 0
+
+
+# ---------------------------------------------------------------- stuck instances
+
+async def test_a_stuck_instance_fails_its_batch_and_the_others_take_over(make):
+    h = make(max_batch_size=8, instances=2)
+    h.batcher.execution_timeout_s = 0.05
+    stuck, healthy = h.runtimes
+    healthy.open()
+    first = h.submit(1.0)  # lands on the first free instance, which never answers
+    await h.calls(1, stuck)
+    with pytest.raises(ModelExecutionError) as info:
+        await result(first)
+    assert info.value.message == ("model 'm' version 1 did not finish a batch within 0.05s; "
+                                  "its instance is taken out of service")
+    for value in (2.0, 3.0, 4.0):
+        y, _ = await result(h.submit(value))
+        np.testing.assert_array_equal(y, x_of(value + 1))
+    assert len(stuck.calls) == 1  # the stuck instance took nothing more
+
+
+async def test_when_every_instance_is_stuck_the_version_is_unavailable(make):
+    h = make(max_batch_size=1)
+    h.batcher.execution_timeout_s = 0.05
+    first = h.submit(1.0)
+    await h.calls(1)
+    queued = h.submit(2.0)
+    with pytest.raises(ModelExecutionError):
+        await result(first)
+    message = ("model 'm' version 1: every instance is stuck in a model call; reload the model")
+    with pytest.raises(Unavailable) as info:
+        await result(queued)
+    assert info.value.message == message
+    with pytest.raises(Unavailable) as info:
+        h.submit(3.0)
+    assert info.value.message == message
+    h.runtime.open()  # the "model" finally returns; close() must not wait for it anyway

@@ -1,0 +1,124 @@
+"""The request path's own rules: in-flight limits, draining, statistics, observers."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from gateway.dataplane import DataPlane
+from gateway.errors import NotFound, ResourceExhausted, Unavailable
+from gateway.modelconfig import ModelConfig, VersionPolicy
+from gateway.statistics import ModelStats
+from gateway.tensors import InferRequest, Tensor, TensorSpec
+
+
+def config(name: str) -> ModelConfig:
+    spec = TensorSpec("x", "FP32", (2,))
+    return ModelConfig(name, "onnxruntime_onnx", 8, (spec,), (TensorSpec("y", "FP32", (2,)),),
+                       VersionPolicy(), None, (), {}, "model.onnx", {}, {"x": 0}, {"y": 0},
+                       None)
+
+
+class HeldBatcher:
+    """Queues requests and answers them only when the test says so."""
+
+    def __init__(self):
+        self.pending: list[asyncio.Future] = []
+
+    def submit(self, arrays, size, key, *args):
+        future = asyncio.get_running_loop().create_future()
+        future.arrays = arrays
+        self.pending.append(future)
+        return future
+
+    def release(self):
+        for f in self.pending:
+            if not f.done():
+                f.set_result([f.arrays[0] * 2])
+        self.pending.clear()
+
+
+class FakeRouter:
+    def __init__(self, *names):
+        self.policies = {}
+        self.versions = {n: SimpleNamespace(model=n, version="1", config=config(n),
+                                            batcher=HeldBatcher(), stats=ModelStats())
+                         for n in names}
+
+    def route(self, model, version, key):
+        if model not in self.versions:
+            raise NotFound(f"unknown model '{model}'")
+        return self.versions[model]
+
+
+def request(model: str) -> InferRequest:
+    return InferRequest(model, "", "id", [Tensor("x", "FP32", np.ones((1, 2), np.float32))])
+
+
+async def settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_in_flight_limits_per_model_and_overall():
+    router = FakeRouter("a", "b")
+    plane = DataPlane(router, max_inflight=3, max_inflight_per_model=2)
+    held = [asyncio.create_task(plane.infer(request("a"))) for _ in range(2)]
+    await settle()
+    with pytest.raises(ResourceExhausted) as info:
+        await plane.infer(request("a"))
+    assert info.value.message == "model 'a' has 2 requests in flight; retry later"
+    held.append(asyncio.create_task(plane.infer(request("b"))))
+    await settle()
+    with pytest.raises(ResourceExhausted) as info:
+        await plane.infer(request("b"))
+    assert info.value.message == "the server has 3 requests in flight; retry later"
+    for version in router.versions.values():
+        version.batcher.release()
+    results = await asyncio.gather(*held)
+    assert [r.outputs[0].data.tolist() for r in results] == [[[2.0, 2.0]]] * 3
+    assert plane.inflight == 0 and plane._per_model == {"a": 0, "b": 0}
+    # Slots are free again.
+    task = asyncio.create_task(plane.infer(request("a")))
+    await settle()
+    router.versions["a"].batcher.release()
+    assert (await task).version == "1"
+
+
+async def test_statistics_and_observer_see_every_outcome():
+    router = FakeRouter("a")
+    plane = DataPlane(router)
+    seen = []
+    plane.observer = lambda model, served, code, ns: seen.append((model, served is not None, code))
+    task = asyncio.create_task(plane.infer(request("a")))
+    await settle()
+    router.versions["a"].batcher.release()
+    await task
+    with pytest.raises(NotFound):
+        await plane.infer(request("zz"))
+    bad = InferRequest("a", "", "", [Tensor("x", "FP64", np.ones((1, 2)))])
+    with pytest.raises(Exception) as info:
+        await plane.infer(bad)
+    assert info.value.message == "input 'x' must be FP32, got FP64"
+    assert seen == [("a", True, "OK"), ("zz", False, "NOT_FOUND"), ("a", True, "INVALID_ARGUMENT")]
+    stats = router.versions["a"].stats
+    assert (stats.success.count, stats.fail.count) == (1, 1)
+
+
+async def test_drain_refuses_new_requests_and_waits_for_running_ones():
+    router = FakeRouter("a")
+    plane = DataPlane(router)
+    running = asyncio.create_task(plane.infer(request("a")))
+    await settle()
+    drain = asyncio.create_task(plane.drain(5))
+    await settle()
+    with pytest.raises(Unavailable) as info:
+        await plane.infer(request("a"))
+    assert info.value.message == "the server is shutting down; retry on another replica"
+    assert not drain.done()
+    router.versions["a"].batcher.release()
+    assert (await running).outputs[0].data.tolist() == [[2.0, 2.0]]
+    assert await drain is True
