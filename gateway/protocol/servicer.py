@@ -20,6 +20,7 @@ from gateway.errors import GatewayError, NotFound, Unimplemented
 from gateway.protocol import codec
 from gateway.protocol.pb import grpc_service_pb2 as pb
 from gateway.protocol.pb import grpc_service_pb2_grpc as pb_grpc
+from gateway.protocol.registration import INVALID
 from gateway.repository import Repository
 from gateway.statistics import Duration
 
@@ -86,6 +87,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         pending: set[asyncio.Task] = set()
 
         async def one(msg):
+            if msg is INVALID:
+                await answers.put(pb.ModelStreamInferResponse(
+                    error_message="the request is not a valid inference.ModelInferRequest message"))
+                return
             try:
                 core = codec.decode_request(msg, routing_key, 0)
                 answer = pb.ModelStreamInferResponse(
