@@ -56,19 +56,20 @@ class StateStore:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def update(self, section: str, key: str, value, who: str, action: str) -> tuple[object, dict]:
+    def update(self, section: str, key: str, value, who: str, action: str,
+               audit: bool = True) -> tuple[object, dict]:
         """Set ``state[section][key] = value`` (None deletes) under the lock; audit it.
 
         Returns the old value and the whole new state.
         """
         try:
-            return self._update(section, key, value, who, action)
+            return self._update(section, key, value, who, action, audit)
         except OSError as exc:
             raise FailedPrecondition(
                 f"cannot persist the change: the state directory is not writable "
                 f"({exc.strerror}); start the gateway with a writable --state-dir") from exc
 
-    def _update(self, section, key, value, who, action):
+    def _update(self, section, key, value, who, action, audit):
         with self._locked():
             state = self.read()
             entries = state.setdefault(section, {})
@@ -79,9 +80,10 @@ class StateStore:
                 entries[key] = value
             state["revision"] = int(state.get("revision", 0)) + 1
             self._write(state)
-            self._audit({"time": time.time(), "who": who, "section": section, "model": key,
-                         "action": action, "old": old, "new": value,
-                         "revision": state["revision"]})
+            if audit:
+                self._audit({"time": time.time(), "who": who, "section": section, "model": key,
+                             "action": action, "old": old, "new": value,
+                             "revision": state["revision"]})
         return old, state
 
     def _write(self, state: dict) -> None:
