@@ -87,6 +87,11 @@ class Rollout:
 
     @property
     def percent(self) -> float:
+        """The canary's share of traffic now."""
+        if self.state == "promoted":
+            return 100.0
+        if self.state in ("rolled_back", "aborted"):
+            return 0.0
         return self.spec.steps[self.step]
 
 
@@ -151,6 +156,20 @@ class VersionWindows:
         n, errors, samples = self._data.get((model, version), (0, 0, ()))
         p99 = float(np.percentile(np.fromiter(samples, float), 99)) if samples else 0.0
         return Window(n, errors, p99)
+
+
+def _alive(owner: str) -> bool:
+    """False only when the owner ran on this host and its process is gone (a restart)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 class RolloutController:
@@ -250,7 +269,7 @@ class RolloutController:
             if rollout.state != "running":
                 continue
             if rollout.owner != self.identity:
-                if now - rollout.heartbeat < self.LEASE_S:
+                if now - rollout.heartbeat < self.LEASE_S and _alive(rollout.owner):
                     continue  # another live replica drives it
                 rollout.owner = self.identity
                 rollout.step_started = now

@@ -10,6 +10,7 @@ from gateway.protocol.pb import gateway_admin_pb2 as apb
 from gateway.protocol.pb import gateway_admin_pb2_grpc as apb_grpc
 from gateway.protocol.servicer import handles_errors
 from gateway.repository import check_model_name
+from gateway.rollout import Rollout, RolloutController, RolloutSpec
 from gateway.traffic import TrafficControl
 
 
@@ -19,9 +20,10 @@ def caller(context) -> str:
 
 
 class AdminServicer(apb_grpc.GatewayAdminServicer):
-    def __init__(self, traffic: TrafficControl):
+    def __init__(self, traffic: TrafficControl, rollouts: RolloutController):
         self.traffic = traffic
         self.router = traffic.router
+        self.rollouts = rollouts
 
     def _status(self, model: str) -> apb.TrafficStatus:
         policy = self.traffic.policy(model)
@@ -84,3 +86,62 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
             time=r.get("time", 0.0), who=str(r.get("who", "")), model=str(r.get("model", "")),
             action=str(r.get("action", "")), old_json=json.dumps(r.get("old")),
             new_json=json.dumps(r.get("new"))) for r in records])
+
+    # ---- rollouts -------------------------------------------------------------------------
+
+    def _rollout_status(self, rollout: Rollout) -> apb.RolloutStatus:
+        spec = rollout.spec
+        windows = self.rollouts.windows
+
+        def window(version):
+            w = windows.window(spec.model, version)
+            return apb.RolloutWindow(requests=w.requests, errors=w.errors, p99_ms=w.p99_s * 1000)
+
+        remaining = 0.0
+        if rollout.state == "running":
+            remaining = max(0.0, spec.interval_s - (self.rollouts.clock() - rollout.step_started))
+        return apb.RolloutStatus(
+            model=spec.model, to_version=spec.to_version, from_version=spec.from_version,
+            state=rollout.state, step=rollout.step, percent=rollout.percent, steps=spec.steps,
+            interval_seconds=spec.interval_s, step_remaining_seconds=remaining,
+            reason=rollout.reason, canary=window(spec.to_version),
+            baseline=window(spec.from_version), owner=rollout.owner,
+            max_error_rate=spec.max_error_rate, max_latency_ratio=spec.max_latency_ratio,
+            min_requests=spec.min_requests,
+            history=[apb.RolloutEvent(time=h["time"], event=h["event"], detail=h["detail"],
+                                      percent=h["percent"], who=str(h["who"]))
+                     for h in rollout.history])
+
+    @handles_errors
+    async def StartRollout(self, request, context):
+        model = check_model_name(request.model)
+        defaults = RolloutSpec(model, request.to_version, request.from_version)
+        spec = RolloutSpec(
+            model, request.to_version, request.from_version,
+            steps=tuple(request.steps) or defaults.steps,
+            interval_s=request.interval_seconds or defaults.interval_s,
+            max_error_rate=(request.max_error_rate if request.HasField("max_error_rate")
+                            else defaults.max_error_rate),
+            max_latency_ratio=request.max_latency_ratio or defaults.max_latency_ratio,
+            min_requests=(max(0, request.min_requests) if request.min_requests
+                          else defaults.min_requests))
+        return self._rollout_status(self.rollouts.start(spec, caller(context)))
+
+    @handles_errors
+    async def GetRollout(self, request, context):
+        return self._rollout_status(self.rollouts.status(check_model_name(request.model)))
+
+    @handles_errors
+    async def PauseRollout(self, request, context):
+        model = check_model_name(request.model)
+        return self._rollout_status(self.rollouts.pause(model, caller(context)))
+
+    @handles_errors
+    async def ResumeRollout(self, request, context):
+        model = check_model_name(request.model)
+        return self._rollout_status(self.rollouts.resume(model, caller(context)))
+
+    @handles_errors
+    async def AbortRollout(self, request, context):
+        model = check_model_name(request.model)
+        return self._rollout_status(self.rollouts.abort(model, caller(context)))

@@ -113,3 +113,91 @@ class TrafficHistoryResponse(_message.Message):
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[AuditRecord]
     def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ...) -> None: ...
+
+class StartRolloutRequest(_message.Message):
+    __slots__ = ("model", "to_version", "from_version", "steps", "interval_seconds", "max_error_rate", "max_latency_ratio", "min_requests")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    to_version: str
+    from_version: str
+    steps: _containers.RepeatedScalarFieldContainer[float]
+    interval_seconds: float
+    max_error_rate: float
+    max_latency_ratio: float
+    min_requests: int
+    def __init__(self, model: _Optional[str] = ..., to_version: _Optional[str] = ..., from_version: _Optional[str] = ..., steps: _Optional[_Iterable[float]] = ..., interval_seconds: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
+
+class RolloutRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class RolloutWindow(_message.Message):
+    __slots__ = ("requests", "errors", "p99_ms")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    errors: int
+    p99_ms: float
+    def __init__(self, requests: _Optional[int] = ..., errors: _Optional[int] = ..., p99_ms: _Optional[float] = ...) -> None: ...
+
+class RolloutEvent(_message.Message):
+    __slots__ = ("time", "event", "detail", "percent", "who")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    event: str
+    detail: str
+    percent: float
+    who: str
+    def __init__(self, time: _Optional[float] = ..., event: _Optional[str] = ..., detail: _Optional[str] = ..., percent: _Optional[float] = ..., who: _Optional[str] = ...) -> None: ...
+
+class RolloutStatus(_message.Message):
+    __slots__ = ("model", "to_version", "from_version", "state", "step", "percent", "steps", "interval_seconds", "step_remaining_seconds", "reason", "canary", "baseline", "history", "owner", "max_error_rate", "max_latency_ratio", "min_requests")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_REMAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    to_version: str
+    from_version: str
+    state: str
+    step: int
+    percent: float
+    steps: _containers.RepeatedScalarFieldContainer[float]
+    interval_seconds: float
+    step_remaining_seconds: float
+    reason: str
+    canary: RolloutWindow
+    baseline: RolloutWindow
+    history: _containers.RepeatedCompositeFieldContainer[RolloutEvent]
+    owner: str
+    max_error_rate: float
+    max_latency_ratio: float
+    min_requests: int
+    def __init__(self, model: _Optional[str] = ..., to_version: _Optional[str] = ..., from_version: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., percent: _Optional[float] = ..., steps: _Optional[_Iterable[float]] = ..., interval_seconds: _Optional[float] = ..., step_remaining_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., canary: _Optional[_Union[RolloutWindow, _Mapping]] = ..., baseline: _Optional[_Union[RolloutWindow, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., owner: _Optional[str] = ..., max_error_rate: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...

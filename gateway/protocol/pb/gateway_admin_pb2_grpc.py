@@ -69,6 +69,31 @@ class GatewayAdminStub:
                 request_serializer=gateway__admin__pb2.TrafficHistoryRequest.SerializeToString,
                 response_deserializer=gateway__admin__pb2.TrafficHistoryResponse.FromString,
                 _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/gateway.admin.v1.GatewayAdmin/StartRollout',
+                request_serializer=gateway__admin__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=gateway__admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/gateway.admin.v1.GatewayAdmin/GetRollout',
+                request_serializer=gateway__admin__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=gateway__admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/gateway.admin.v1.GatewayAdmin/PauseRollout',
+                request_serializer=gateway__admin__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=gateway__admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/gateway.admin.v1.GatewayAdmin/ResumeRollout',
+                request_serializer=gateway__admin__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=gateway__admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/gateway.admin.v1.GatewayAdmin/AbortRollout',
+                request_serializer=gateway__admin__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=gateway__admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
 
 
 class GatewayAdminServicer:
@@ -116,6 +141,36 @@ class GatewayAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +208,31 @@ def add_GatewayAdminServicer_to_server(servicer, server):
                     servicer.TrafficHistory,
                     request_deserializer=gateway__admin__pb2.TrafficHistoryRequest.FromString,
                     response_serializer=gateway__admin__pb2.TrafficHistoryResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=gateway__admin__pb2.StartRolloutRequest.FromString,
+                    response_serializer=gateway__admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=gateway__admin__pb2.RolloutRequest.FromString,
+                    response_serializer=gateway__admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=gateway__admin__pb2.RolloutRequest.FromString,
+                    response_serializer=gateway__admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=gateway__admin__pb2.RolloutRequest.FromString,
+                    response_serializer=gateway__admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=gateway__admin__pb2.RolloutRequest.FromString,
+                    response_serializer=gateway__admin__pb2.RolloutStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +424,141 @@ class GatewayAdmin:
             '/gateway.admin.v1.GatewayAdmin/TrafficHistory',
             gateway__admin__pb2.TrafficHistoryRequest.SerializeToString,
             gateway__admin__pb2.TrafficHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.admin.v1.GatewayAdmin/StartRollout',
+            gateway__admin__pb2.StartRolloutRequest.SerializeToString,
+            gateway__admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.admin.v1.GatewayAdmin/GetRollout',
+            gateway__admin__pb2.RolloutRequest.SerializeToString,
+            gateway__admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.admin.v1.GatewayAdmin/PauseRollout',
+            gateway__admin__pb2.RolloutRequest.SerializeToString,
+            gateway__admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.admin.v1.GatewayAdmin/ResumeRollout',
+            gateway__admin__pb2.RolloutRequest.SerializeToString,
+            gateway__admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.admin.v1.GatewayAdmin/AbortRollout',
+            gateway__admin__pb2.RolloutRequest.SerializeToString,
+            gateway__admin__pb2.RolloutStatus.FromString,
             options,
             channel_credentials,
             insecure,
