@@ -1,4 +1,8 @@
-"""Side-by-side throughput: the gateway against the bare grpc.aio floor, in one run.
+"""Side-by-side throughput: the gateway against the bare grpc.aio floor, in one run, with h2load.
+
+h2load (C) drives the most load with the least client CPU, but sees only HTTP status and mean
+latency; ``python -m bench --compare floor`` measures the same pair with percentiles, errors by
+gRPC status and the server's queue/compute split.
 
 Both servers run as separate processes on this machine; h2load replays one pre-serialised
 ModelInfer request at each in interleaved rounds (floor, gateway, floor, gateway ...) so drift in
@@ -12,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from bench import h2load
 from bench.models import HEAVY_MLP, TINY_MLP, build_mlp, write_config
+from bench.peers import start, stop
 from gateway.protocol.pb import grpc_service_pb2 as pb
 
 MLP_CONFIG = """
@@ -42,19 +44,6 @@ def build_repository(root: Path, model: str, instances: int) -> Path:
     build_mlp(model_dir / "1" / "model.onnx", SIZES[model])
     write_config(model_dir, MLP_CONFIG.format(name=model, instances=instances))
     return root
-
-
-def start(cmd: list[str], pattern: str, timeout: float = 120) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout
-    for line in proc.stdout:
-        m = re.search(pattern, line)
-        if m:
-            return proc, int(m.group(1))
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise RuntimeError(f"{cmd[2]} did not start")
 
 
 def request_bytes(model: str, batch: int) -> bytes:
@@ -132,8 +121,7 @@ def main(argv=None) -> int:
                     rows[name].append(result)
         finally:
             for proc in (floor, gateway):
-                proc.terminate()
-                proc.wait(30)
+                stop(proc)
     floor_rps = statistics.median(r.requests_per_s for r in rows["floor"])
     gw_rps = statistics.median(r.requests_per_s for r in rows["gateway"])
     summary = {

@@ -93,7 +93,7 @@ class Batcher:
     def __init__(self, model: str, version: str, max_batch_size: int,
                  batching: BatchingConfig | None, instances: list[Instance],
                  input_names: list[str], output_names: list[str], stats: ModelStats,
-                 execution_timeout_s: float = 0.0):
+                 execution_timeout_s: float = 0.0, inline: bool = False):
         self.model = model
         self.version = version
         self.batching = max_batch_size > 0
@@ -118,6 +118,8 @@ class Batcher:
         self._workers: list[asyncio.Task] = []
         # A batch running longer than this takes its instance out of service (0 = never).
         self.execution_timeout_s = execution_timeout_s
+        # Small models run on the event loop: the thread hand-off costs more than they compute.
+        self.inline = inline
         self._stuck: set[str] = set()  # names of instances whose thread never came back
         self._label = f"model '{model}' version {version}"
         # Called after each batch: (batcher, requests, feeds, size, start_ns, infer_ns, done_ns).
@@ -170,6 +172,8 @@ class Batcher:
                 return
             try:
                 await self._execute(loop, instance, batch)
+                if self.inline:
+                    await asyncio.sleep(0)  # let the callers and new requests run in between
             except _InstanceStuck:
                 self._retire_stuck(instance)
                 return
@@ -274,12 +278,15 @@ class Batcher:
                      in zip(self.input_names, zip(*(item.inputs for item in batch)))}
         input_done = now_ns()
         try:
-            call = loop.run_in_executor(instance.executor, instance.runtime.run, feeds,
-                                        self.output_names)
-            if self.execution_timeout_s:
-                outputs = await asyncio.wait_for(call, self.execution_timeout_s)
+            if self.inline:
+                outputs = instance.runtime.run(feeds, self.output_names)
             else:
-                outputs = await call
+                call = loop.run_in_executor(instance.executor, instance.runtime.run, feeds,
+                                            self.output_names)
+                if self.execution_timeout_s:
+                    outputs = await asyncio.wait_for(call, self.execution_timeout_s)
+                else:
+                    outputs = await call
         except TimeoutError:
             self._fail(batch, ModelExecutionError(
                 f"{self._label} did not finish a batch within {self.execution_timeout_s:g}s; "

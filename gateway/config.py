@@ -17,6 +17,8 @@ class Settings:
     host: str = "0.0.0.0"
     grpc_port: int = 8001  # 0 picks a free port (tests)
     metrics_port: int = 8002  # 0 picks a free port; -1 turns the metrics endpoint off
+    gpu_sample_interval: float = 5.0  # seconds between NVML samples; 0 = no GPU metrics
+    drift_interval: float = 1.0  # seconds between input statistics / drift updates
     control_mode: str = "none"
     load_models: tuple[str, ...] = ()  # explicit mode: models loaded at start ("*" = all)
     poll_interval: float = 5.0  # seconds between repository scans in poll mode
@@ -30,6 +32,11 @@ class Settings:
     tls_cert: Path | None = None  # PEM certificate chain for the gRPC port
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CA: clients must present a certificate it signed
+    execution_timeout: float = 120.0  # seconds a batch may run before its instance is stuck
+    max_inflight: int = 8192  # requests in the server at once; beyond: RESOURCE_EXHAUSTED
+    max_inflight_per_model: int = 2048  # the same, per model
+    reuse_port: bool = False  # set for --workers: several processes share the gRPC port
+    worker_index: int = 0
 
     def state_directory(self) -> Path:
         if self.state_dir is not None:
@@ -45,6 +52,9 @@ class Settings:
             raise ValueError(f"model repository {self.model_repository} is not a directory")
         if self.poll_interval <= 0 or self.drain_seconds < 0:
             raise ValueError("poll interval must be positive and drain seconds not negative")
+        if self.gpu_sample_interval < 0 or self.drift_interval <= 0:
+            raise ValueError("GPU sample interval must not be negative and drift interval must "
+                             "be positive")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:

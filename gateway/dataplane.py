@@ -40,6 +40,9 @@ class DataPlane:
         # Called once per request: (model name as asked, serving version or None, status code
         # name, elapsed ns). Monitoring hangs here; it must be cheap.
         self.observer = None
+        # model -> callable(request id, served, outputs, rows): keeps predictions of requests
+        # with an id for ground-truth feedback (gateway/feedback.py); only enabled models.
+        self.feedback: dict = {}
 
     async def infer(self, request: InferRequest) -> InferResponse:
         start = now_ns()
@@ -71,6 +74,10 @@ class DataPlane:
             # Batch and execute: the batcher queues, merges and runs on a free instance.
             outputs = await served.batcher.submit(arrays, size, shape_key, request.priority,
                                                   request.timeout_us, request.deadline_ns)
+            if request.id and self.feedback:  # keep the prediction for a later label
+                keep = self.feedback.get(served.model)
+                if keep is not None:
+                    keep(request.id, served, outputs, size)
             # Respond with the outputs asked for, named by the version that actually served.
             tensors = [response_tensor(config, i, outputs[i], size) for i in wanted]
         except GatewayError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,18 @@ from runtimes import RuntimeOptions, load_runtime
 log = logging.getLogger(__name__)
 
 
+# A model whose largest batch runs faster than this executes on the event loop: handing a
+# batch to a worker thread and back costs ~100-150 us of CPU (two thread wake-ups and GIL
+# hand-offs), more than such a model computes. Heavier models run on their instance threads.
+INLINE_MAX_SECONDS = 0.0005
+EXECUTION_MODES = ("auto", "inline", "thread")
+
+
 @dataclass(slots=True)
 class LoadedVersion:
     config: ModelConfig
     instances: list[Instance]
+    inline: bool = False  # run batches on the event loop (see INLINE_MAX_SECONDS)
 
 
 def load_version(model_file: Path, model: str, version: int, proto: mc.ModelConfig,
@@ -47,14 +56,42 @@ def load_version(model_file: Path, model: str, version: int, proto: mc.ModelConf
                 config = validate(proto, runtime.io)
             name = f"{model}_{version}_{index}"
             instances.append(Instance(name, runtime, ThreadPoolExecutor(1, thread_name_prefix=name)))
-        for inst in instances:
-            _warm_up(inst, config)
+        slowest = max(_warm_up(inst, config) for inst in instances)
+        inline = _runs_inline(config, groups, slowest, _has_control_flow(model_file))
     except BaseException:
         for inst in instances:
             inst.executor.shutdown(wait=False)
             inst.runtime.close()
         raise
-    return LoadedVersion(config, instances)
+    return LoadedVersion(config, instances, inline)
+
+
+def _runs_inline(config: ModelConfig, devices: list[tuple[str, int]], slowest: float,
+                 control_flow: bool) -> bool:
+    """Where batches execute: the ``execution`` parameter (auto, inline, thread) decides;
+    auto runs small, fixed-shape CPU models without control flow inline (``slowest`` is the
+    largest warm-up batch's run time; infinity when warm-up failed). Control flow (Loop, Scan,
+    If) makes the cost depend on the data, which a warm-up with zeros cannot see."""
+    mode = config.parameters.get("execution", "auto").lower()
+    if mode not in EXECUTION_MODES:
+        raise ModelLoadError(f"parameter execution must be one of {', '.join(EXECUTION_MODES)}, "
+                             f"not {mode!r}")
+    if mode != "auto":
+        return mode == "inline"
+    fixed = all(d >= 0 for spec in config.inputs for d in spec.dims)
+    return (fixed and not control_flow and all(d == "cpu" for d, _ in devices)
+            and slowest <= INLINE_MAX_SECONDS)
+
+
+# A NodeProto's op_type is field 4, a string: tag 0x22, the length, then the name.
+_CONTROL_FLOW_OPS = (b"\x22\x04Loop", b"\x22\x04Scan", b"\x22\x02If")
+
+
+def _has_control_flow(model_file: Path) -> bool:
+    """Whether the ONNX file holds a Loop, Scan or If node (a byte search of the protobuf:
+    a false positive only costs the inline fast path)."""
+    data = model_file.read_bytes()
+    return any(op in data for op in _CONTROL_FLOW_OPS)
 
 
 def _device_plan(proto: mc.ModelConfig) -> list[tuple[str, int]]:
@@ -82,8 +119,11 @@ def warmup_sizes(config: ModelConfig) -> list[int]:
     return list(range(1, config.max_batch_size + 1))
 
 
-def _warm_up(inst: Instance, config: ModelConfig) -> None:
+def _warm_up(inst: Instance, config: ModelConfig) -> float:
+    """Run every batch size once; return the largest size's best time of three runs
+    (infinity if the model refused the zeros it was warmed up with)."""
     names = [o.name for o in config.outputs]
+    feeds: dict = {}
     for size in warmup_sizes(config):
         feeds = {}
         for spec in config.inputs:
@@ -93,7 +133,13 @@ def _warm_up(inst: Instance, config: ModelConfig) -> None:
             feeds[spec.name] = (np.full(shape, b"", dtype=object) if spec.datatype == "BYTES"
                                 else np.zeros(shape, dtype=dtype))
         try:
-            inst.runtime.run(feeds, names)
+            inst.runtime.run(dict(feeds), names)
         except Exception as exc:  # some models reject zeros; that is not a load failure
             log.warning("%s: warm-up at batch %d failed (%s); continuing", inst.name, size, exc)
-            return
+            return float("inf")
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        inst.runtime.run(dict(feeds), names)
+        timings.append(time.perf_counter() - start)
+    return min(timings)

@@ -71,6 +71,8 @@ class Repository:
         self._locks: dict[str, asyncio.Lock] = {}
         self.on_change = []  # callbacks(model_name) after a model's serving set changes
         self.batch_observer = None  # given to every Batcher (see Batcher.observer)
+        self.execution_timeout_s = 0.0  # server default; a model's parameter overrides it
+        self.on_load_failure = []  # callbacks(model, version ("" = the model), reason)
 
     # ---- reading (request path) ----------------------------------------------------------
 
@@ -165,6 +167,7 @@ class Repository:
         except (ModelLoadError, NotFound) as exc:
             reason = exc.args[0] if isinstance(exc, ModelLoadError) else exc.message
             log.error("model '%s' cannot load: %s", name, reason)
+            self._load_failed(name, "", reason)
             entry.reasons = {"": reason}  # what is loaded keeps serving; the index shows why
             return
         if not wanted:
@@ -188,21 +191,25 @@ class Repository:
             except ModelLoadError as exc:
                 log.error("model '%s' version %s failed to load: %s", name, key, exc)
                 reasons[key] = str(exc)
+                self._load_failed(name, key, reasons[key])
                 continue
             except Exception as exc:  # an unexpected loader failure must not stop the server
                 log.exception("model '%s' version %s failed to load", name, key)
                 reasons[key] = f"unexpected load failure ({type(exc).__name__})"
+                self._load_failed(name, key, reasons[key])
                 continue
             config = loaded.config
             stats = ModelStats()
             batcher = Batcher(name, key, config.max_batch_size, config.batching, loaded.instances,
                               [i.name for i in config.inputs], [o.name for o in config.outputs],
-                              stats)
+                              stats, execution_timeout(config, self.execution_timeout_s),
+                              inline=loaded.inline)
             batcher.observer = self.batch_observer
             batcher.start()
             new_serving[key] = ServingVersion(name, key, config, batcher, stats, signature)
-            log.info("model '%s' version %s ready (%d instance%s)", name, key,
-                     len(loaded.instances), "" if len(loaded.instances) == 1 else "s")
+            log.info("model '%s' version %s ready (%d instance%s, %s)", name, key,
+                     len(loaded.instances), "" if len(loaded.instances) == 1 else "s",
+                     "runs on the event loop" if loaded.inline else "runs on instance threads")
         if not new_serving and entry.serving:
             # Nothing new could load: keep the old versions rather than serve nothing.
             log.error("model '%s': no wanted version loaded; previous versions keep serving", name)
@@ -213,6 +220,10 @@ class Repository:
         for old in retired:
             log.info("model '%s' version %s retiring", name, old.version)
         await asyncio.gather(*(old.batcher.close() for old in retired))
+
+    def _load_failed(self, name: str, version: str, reason: str) -> None:
+        for callback in self.on_load_failure:
+            callback(name, version, reason)
 
     def _publish(self, entry: ModelEntry, serving: dict[str, ServingVersion],
                  reasons: dict[str, str]) -> None:
@@ -287,6 +298,18 @@ class Repository:
         if ready_only:
             rows = [r for r in rows if r[2] == "READY"]
         return rows
+
+
+def execution_timeout(config: ModelConfig, default_s: float) -> float:
+    """Seconds a batch may run before its instance is declared stuck (config parameter
+    ``execution_timeout_ms`` wins over the server's ``--execution-timeout``)."""
+    value = config.parameters.get("execution_timeout_ms")
+    try:
+        return float(value) / 1000 if value else default_s
+    except ValueError:
+        log.warning("model '%s': execution_timeout_ms %r is not a number; using %gs",
+                    config.name, value, default_s)
+        return default_s
 
 
 def _stat(path: Path):

@@ -19,15 +19,14 @@ from grpc_reflection.v1alpha import reflection
 from gateway.auth import AuthInterceptor, TokenAuthenticator
 from gateway.config import Settings
 from gateway.dataplane import DataPlane
+from gateway.feedback import FeedbackCollector, FeedbackStore
 from gateway.protocol.admin import AdminServicer
-from gateway.protocol.pb import (
-    gateway_admin_pb2,
-    gateway_admin_pb2_grpc,
-    grpc_service_pb2,
-    grpc_service_pb2_grpc,
-)
+from gateway.protocol.pb import gateway_admin_pb2, grpc_service_pb2
+from gateway.protocol.registration import add_servicer
 from gateway.protocol.servicer import InferenceServicer
+from gateway.registry import RegistryService
 from gateway.repository import Repository
+from gateway.rollout import RolloutController, VersionWindows
 from gateway.routing import Router
 from gateway.state import StateStore
 from gateway.traffic import TrafficControl
@@ -42,14 +41,21 @@ class GatewayServer:
         self.settings = settings
         self.repository = Repository(settings.model_repository, settings.cpu_threads_per_instance,
                                      settings.control_mode)
+        self.repository.execution_timeout_s = settings.execution_timeout
         self.router = Router(self.repository)
         self.traffic = TrafficControl(self.router, StateStore(settings.state_directory()))
-        self.dataplane = DataPlane(self.router)
+        self.windows = VersionWindows()
+        self.rollouts = RolloutController(self.traffic, self.windows)
+        self.dataplane = DataPlane(self.router, settings.max_inflight,
+                                   settings.max_inflight_per_model)
+        self.feedback = FeedbackStore(self.repository, self.dataplane)
+        self.registry = RegistryService(self.repository, self.traffic, self.rollouts)
         self.health = health.aio.HealthServicer()
         self.authenticator = (TokenAuthenticator(settings.auth_tokens) if settings.auth_tokens
                               else None)
         self.grpc_port = 0
         self.metrics_port = 0
+        self.monitoring = None
         self._ready = False
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -64,14 +70,17 @@ class GatewayServer:
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+            # A second server on a taken port must fail, not share it, unless sharing is the
+            # point (--workers).
+            ("grpc.so_reuseport", 1 if s.reuse_port else 0),
         ]
         interceptors = [AuthInterceptor(self.authenticator)] if self.authenticator else []
         self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, self.repository, self.is_ready), self._grpc)
-        gateway_admin_pb2_grpc.add_GatewayAdminServicer_to_server(
-            AdminServicer(self.traffic), self._grpc)
+        add_servicer(self._grpc, InferenceServicer(self.dataplane, self.repository, self.is_ready),
+                     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
+        add_servicer(self._grpc, AdminServicer(self.traffic, self.rollouts, self.registry,
+                                               self.feedback),
+                     gateway_admin_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection([
             grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -87,24 +96,29 @@ class GatewayServer:
         await self._grpc.start()
         await self.health.set("", NOT_SERVING)
         self.metrics_port = self._start_metrics()
+        self.dataplane.observer = _fan_out(self.dataplane.observer, self.windows.observe)
         self.traffic.sync()
+        self.rollouts.sync()
         await self._load_initial_models()
         if s.control_mode == "poll":
             self._tasks.append(asyncio.create_task(self._poll(), name="repository-poll"))
         self._tasks.append(asyncio.create_task(self.traffic.watch(s.state_poll_interval),
                                                name="traffic-watch"))
+        self._tasks.append(asyncio.create_task(self.rollouts.run(), name="rollouts"))
         self._ready = True
         await self.health.set("", SERVING)
 
     def _start_metrics(self) -> int:
-        if self.settings.metrics_port < 0:
+        """Metrics, GPU sampling and drift (gateway/monitoring); before models load."""
+        s = self.settings
+        if s.metrics_port < 0:
             return -1
-        from prometheus_client import start_http_server
+        from gateway.monitoring import Monitoring
 
-        server, _thread = start_http_server(self.settings.metrics_port,
-                                            addr=_host(self.settings.host))
-        self._metrics_http = server
-        return server.server_port
+        self.monitoring = Monitoring(self.repository, self.router, self.dataplane,
+                                     s.gpu_sample_interval, s.drift_interval)
+        self.monitoring.registry.register(FeedbackCollector(self.feedback))
+        return self.monitoring.start(s.host, s.metrics_port)
 
     async def _load_initial_models(self) -> None:
         s = self.settings
@@ -159,8 +173,8 @@ class GatewayServer:
             log.warning("drain: requests still running after %.1fs; stopping anyway", grace)
         await self._grpc.stop(grace=1.0)
         await self.repository.close()
-        if getattr(self, "_metrics_http", None) is not None:
-            self._metrics_http.shutdown()
+        if self.monitoring is not None:
+            self.monitoring.stop()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -173,12 +187,24 @@ def server_credentials(s: Settings) -> grpc.ServerCredentials:
                                        root_certificates=ca, require_client_auth=ca is not None)
 
 
+def _fan_out(*observers):
+    """One request observer calling each given one (None entries skipped)."""
+    present = [o for o in observers if o is not None]
+    if len(present) == 1:
+        return present[0]
+
+    def observe(model, served, code, elapsed_ns):
+        for observer in present:
+            observer(model, served, code, elapsed_ns)
+    return observe
+
+
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return."""
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT, then drain; the process exit code."""
     server = GatewayServer(settings)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -186,10 +212,17 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop_requested.set)
     if server.authenticator is not None:
         loop.add_signal_handler(signal.SIGHUP, server.authenticator.reload)
-    await server.start()
+    try:
+        await server.start()
+    except (RuntimeError, OSError) as exc:  # the port is taken, a certificate is unreadable...
+        log.error("cannot start: %s", exc)
+        await server.stop()
+        return 1
+    worker = f" worker {settings.worker_index}" if settings.reuse_port else ""
     print(f"gateway ready: grpc {settings.host}:{server.grpc_port} "
-          f"metrics {server.metrics_port}", flush=True)
+          f"metrics {server.metrics_port}{worker}", flush=True)
     await stop_requested.wait()
     log.info("shutting down: draining in-flight requests")
     await server.stop()
     log.info("stopped")
+    return 0

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import tempfile
+from pathlib import Path
 
 from gateway.auth import IDENTITY
-from gateway.errors import InvalidArgument
+from gateway.errors import FailedPrecondition, InvalidArgument, NotFound
 from gateway.protocol.pb import gateway_admin_pb2 as apb
 from gateway.protocol.pb import gateway_admin_pb2_grpc as apb_grpc
+from gateway.protocol.registration import INVALID
 from gateway.protocol.servicer import handles_errors
 from gateway.repository import check_model_name
 from gateway.rollout import Rollout, RolloutController, RolloutSpec
 from gateway.traffic import TrafficControl
+
+MAX_FEEDBACK_ITEMS = 100_000  # labels in one SendFeedback call
 
 
 def caller(context) -> str:
@@ -20,10 +26,13 @@ def caller(context) -> str:
 
 
 class AdminServicer(apb_grpc.GatewayAdminServicer):
-    def __init__(self, traffic: TrafficControl, rollouts: RolloutController):
+    def __init__(self, traffic: TrafficControl, rollouts: RolloutController, registry=None,
+                 feedback=None):
         self.traffic = traffic
         self.router = traffic.router
         self.rollouts = rollouts
+        self.registry = registry  # gateway.registry.RegistryService
+        self.feedback = feedback  # gateway.feedback.FeedbackStore
 
     def _status(self, model: str) -> apb.TrafficStatus:
         policy = self.traffic.policy(model)
@@ -145,3 +154,129 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
     async def AbortRollout(self, request, context):
         model = check_model_name(request.model)
         return self._rollout_status(self.rollouts.abort(model, caller(context)))
+
+    # ---- publishing -----------------------------------------------------------------------
+
+    @handles_errors
+    async def PublishVersion(self, request_iterator, context):
+        if self.registry is None:
+            raise FailedPrecondition("this gateway does not publish versions")
+        header, received = None, 0
+        with tempfile.TemporaryDirectory(prefix="gateway-upload-") as tmp:
+            upload = Path(tmp) / "upload.onnx"
+            out = await asyncio.to_thread(open, upload, "wb")
+            try:
+                async for chunk in request_iterator:
+                    if chunk is INVALID:
+                        raise InvalidArgument("a publish message is not a valid PublishChunk")
+                    part = chunk.WhichOneof("part")
+                    if header is None:
+                        if part != "header":
+                            raise InvalidArgument("the first publish message must be the header")
+                        header = chunk.header
+                        check_model_name(header.model)
+                        continue
+                    if part != "data":
+                        raise InvalidArgument("only model file data may follow the header")
+                    received += len(chunk.data)
+                    if header.size and received > header.size:
+                        raise InvalidArgument(f"more than the announced {header.size} bytes")
+                    await asyncio.to_thread(out.write, chunk.data)
+            finally:
+                out.close()
+            if header is None:
+                raise InvalidArgument("nothing to publish: send a header, then the model file")
+            if header.size and received != header.size:
+                raise InvalidArgument(f"the upload ended after {received} of {header.size} "
+                                      "bytes")
+            if not received:
+                raise InvalidArgument("the model file is empty")
+            try:
+                metadata = json.loads(header.metadata_json) if header.metadata_json else {}
+            except ValueError:
+                raise InvalidArgument("metadata_json is not JSON") from None
+            if not isinstance(metadata, dict):
+                raise InvalidArgument("metadata_json must be a JSON object")
+            published, state, detail, rollout = await self.registry.publish(
+                header.model, upload, metadata=metadata, baseline_npz=header.baseline_npz,
+                allow_signature_change=header.allow_signature_change,
+                canary_percent=header.canary_percent,
+                canary_interval_s=header.canary_interval_seconds,
+                source=Path(header.source).name if header.source else "",
+                sha256=header.sha256, who=caller(context))
+        result = apb.PublishResult(model=published.model, version=str(published.version),
+                                   state=state, detail=detail,
+                                   metadata_json=json.dumps(published.metadata, sort_keys=True))
+        if rollout is not None:
+            result.rollout.CopyFrom(self._rollout_status(rollout))
+        return result
+
+    @handles_errors
+    async def ListVersions(self, request, context):
+        from gateway.registry import list_versions
+
+        model = check_model_name(request.model)
+        repository = self.router.repository
+        try:
+            on_disk = list_versions(repository.root, model)
+        except FileNotFoundError:
+            on_disk = []
+        entry = repository.models.get(model)
+        if not on_disk and entry is None:
+            raise NotFound(f"unknown model '{model}'")
+        shares = self.router.effective(model)[0] if entry is not None else {}
+        rows = {str(v["version"]): v for v in on_disk}
+        versions = set(rows) | (set(entry.serving) | set(entry.reasons) - {""} if entry else set())
+        response = apb.ListVersionsResponse(model=model)
+        for version in sorted(versions, key=int):
+            info = rows.get(version, {})
+            if entry is not None and version in entry.serving:
+                state, reason = "READY", ""
+            elif entry is not None and version in entry.reasons:
+                state, reason = "UNAVAILABLE", entry.reasons[version]
+            else:
+                state, reason = "NOT_LOADED", ""
+            response.versions.append(apb.VersionInfo(
+                version=version, state=state, reason=reason,
+                metadata_json=json.dumps(info.get("metadata", {}), sort_keys=True),
+                traffic_percent=shares.get(version, 0.0),
+                has_baseline=bool(info.get("has_baseline"))))
+        return response
+
+    # ---- feedback -------------------------------------------------------------------------
+
+    def _feedback_status(self, model: str) -> apb.FeedbackStatus:
+        feedback = self.feedback.status(model)
+        status = apb.FeedbackStatus(model=model, kind=feedback.kind, output=feedback.output,
+                                    kept=len(feedback.kept),
+                                    capacity=feedback.settings.capacity,
+                                    unmatched=feedback.unmatched)
+        for version, n, correct, abs_error in feedback.snapshot():
+            row = apb.VersionFeedback(version=version, labelled=n, correct=correct)
+            if n and feedback.kind == "regression":
+                row.mean_absolute_error = abs_error / n
+            elif n:
+                row.accuracy = correct / n
+            status.versions.append(row)
+        return status
+
+    def _need_feedback(self):
+        if self.feedback is None:
+            raise FailedPrecondition("this gateway does not take feedback")
+
+    @handles_errors
+    async def SendFeedback(self, request, context):
+        self._need_feedback()
+        model = check_model_name(request.model)
+        if len(request.labels) > MAX_FEEDBACK_ITEMS:
+            raise InvalidArgument(f"at most {MAX_FEEDBACK_ITEMS} labels per call")
+        matched, unknown, errors = self.feedback.label(
+            model, [(item.id, list(item.labels)) for item in request.labels])
+        return apb.FeedbackResponse(matched=matched, unknown=len(unknown),
+                                    unknown_ids=[i[:128] for i in unknown[:20]],
+                                    errors=errors[:20], status=self._feedback_status(model))
+
+    @handles_errors
+    async def GetFeedback(self, request, context):
+        self._need_feedback()
+        return self._feedback_status(check_model_name(request.model))

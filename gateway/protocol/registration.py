@@ -63,7 +63,7 @@ def add_servicer(server, servicer, service) -> None:
             handler = grpc.unary_unary_rpc_method_handler(_refuse_invalid(behavior, name),
                                                           **kwargs)
         handlers[method.name] = handler
+    # Generic handlers only: the "registered method" path measured slower per call on grpcio
+    # 1.81-1.85 aio (bench/RESULTS.md, edge overhead).
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name,
                                                                            handlers),))
-    if hasattr(server, "add_registered_method_handlers"):
-        server.add_registered_method_handlers(service.full_name, handlers)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 
 import grpc
 
@@ -58,14 +57,10 @@ def _routing_key(context) -> str | None:
     return None
 
 
-def _deadline_ns(context) -> int:
-    remaining = context.time_remaining()
-    return time.monotonic_ns() + int(remaining * 1e9) if remaining is not None else 0
-
-
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, repository: Repository, ready):
         self.dataplane = dataplane
+        self.policies = dataplane.router.policies  # models with a traffic policy (live dict)
         self.repository = repository
         self.ready = ready  # () -> bool: server started and not draining
 
@@ -73,7 +68,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         try:
-            core = codec.decode_request(request, _routing_key(context), _deadline_ns(context))
+            # Reading metadata costs tens of microseconds: only when a split may use the key.
+            # The deadline needs no reading: gRPC cancels the call, and the batcher then drops it.
+            key = _routing_key(context) if request.model_name in self.policies else None
+            core = codec.decode_request(request, key)
             return codec.encode_response(await self.dataplane.infer(core))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise

@@ -201,3 +201,147 @@ class RolloutStatus(_message.Message):
     max_latency_ratio: float
     min_requests: int
     def __init__(self, model: _Optional[str] = ..., to_version: _Optional[str] = ..., from_version: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., percent: _Optional[float] = ..., steps: _Optional[_Iterable[float]] = ..., interval_seconds: _Optional[float] = ..., step_remaining_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., canary: _Optional[_Union[RolloutWindow, _Mapping]] = ..., baseline: _Optional[_Union[RolloutWindow, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., owner: _Optional[str] = ..., max_error_rate: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
+
+class PublishHeader(_message.Message):
+    __slots__ = ("model", "metadata_json", "allow_signature_change", "canary_percent", "baseline_npz", "size", "sha256", "source", "canary_interval_seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SIGNATURE_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_NPZ_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    metadata_json: str
+    allow_signature_change: bool
+    canary_percent: float
+    baseline_npz: bytes
+    size: int
+    sha256: str
+    source: str
+    canary_interval_seconds: float
+    def __init__(self, model: _Optional[str] = ..., metadata_json: _Optional[str] = ..., allow_signature_change: _Optional[bool] = ..., canary_percent: _Optional[float] = ..., baseline_npz: _Optional[bytes] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., source: _Optional[str] = ..., canary_interval_seconds: _Optional[float] = ...) -> None: ...
+
+class PublishChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: PublishHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[PublishHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PublishResult(_message.Message):
+    __slots__ = ("model", "version", "state", "detail", "metadata_json", "rollout")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    state: str
+    detail: str
+    metadata_json: str
+    rollout: RolloutStatus
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ..., metadata_json: _Optional[str] = ..., rollout: _Optional[_Union[RolloutStatus, _Mapping]] = ...) -> None: ...
+
+class ListVersionsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class VersionInfo(_message.Message):
+    __slots__ = ("version", "state", "reason", "metadata_json", "traffic_percent", "has_baseline")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    HAS_BASELINE_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    state: str
+    reason: str
+    metadata_json: str
+    traffic_percent: float
+    has_baseline: bool
+    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., metadata_json: _Optional[str] = ..., traffic_percent: _Optional[float] = ..., has_baseline: _Optional[bool] = ...) -> None: ...
+
+class ListVersionsResponse(_message.Message):
+    __slots__ = ("model", "versions")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
+    def __init__(self, model: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ...) -> None: ...
+
+class FeedbackLabel(_message.Message):
+    __slots__ = ("id", "labels")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("model", "labels")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    labels: _containers.RepeatedCompositeFieldContainer[FeedbackLabel]
+    def __init__(self, model: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[FeedbackLabel, _Mapping]]] = ...) -> None: ...
+
+class VersionFeedback(_message.Message):
+    __slots__ = ("version", "labelled", "correct", "accuracy", "mean_absolute_error")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABSOLUTE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    labelled: int
+    correct: int
+    accuracy: float
+    mean_absolute_error: float
+    def __init__(self, version: _Optional[str] = ..., labelled: _Optional[int] = ..., correct: _Optional[int] = ..., accuracy: _Optional[float] = ..., mean_absolute_error: _Optional[float] = ...) -> None: ...
+
+class FeedbackStatus(_message.Message):
+    __slots__ = ("model", "kind", "output", "kept", "capacity", "unmatched", "versions")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    UNMATCHED_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    kind: str
+    output: str
+    kept: int
+    capacity: int
+    unmatched: int
+    versions: _containers.RepeatedCompositeFieldContainer[VersionFeedback]
+    def __init__(self, model: _Optional[str] = ..., kind: _Optional[str] = ..., output: _Optional[str] = ..., kept: _Optional[int] = ..., capacity: _Optional[int] = ..., unmatched: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionFeedback, _Mapping]]] = ...) -> None: ...
+
+class FeedbackResponse(_message.Message):
+    __slots__ = ("matched", "unknown", "unknown_ids", "errors", "status")
+    MATCHED_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    matched: int
+    unknown: int
+    unknown_ids: _containers.RepeatedScalarFieldContainer[str]
+    errors: _containers.RepeatedScalarFieldContainer[str]
+    status: FeedbackStatus
+    def __init__(self, matched: _Optional[int] = ..., unknown: _Optional[int] = ..., unknown_ids: _Optional[_Iterable[str]] = ..., errors: _Optional[_Iterable[str]] = ..., status: _Optional[_Union[FeedbackStatus, _Mapping]] = ...) -> None: ...
+
+class GetFeedbackRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...

@@ -94,6 +94,26 @@ class GatewayAdminStub:
                 request_serializer=gateway__admin__pb2.RolloutRequest.SerializeToString,
                 response_deserializer=gateway__admin__pb2.RolloutStatus.FromString,
                 _registered_method=True)
+        self.PublishVersion = channel.stream_unary(
+                '/gateway.admin.v1.GatewayAdmin/PublishVersion',
+                request_serializer=gateway__admin__pb2.PublishChunk.SerializeToString,
+                response_deserializer=gateway__admin__pb2.PublishResult.FromString,
+                _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/gateway.admin.v1.GatewayAdmin/ListVersions',
+                request_serializer=gateway__admin__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=gateway__admin__pb2.ListVersionsResponse.FromString,
+                _registered_method=True)
+        self.SendFeedback = channel.unary_unary(
+                '/gateway.admin.v1.GatewayAdmin/SendFeedback',
+                request_serializer=gateway__admin__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=gateway__admin__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
+        self.GetFeedback = channel.unary_unary(
+                '/gateway.admin.v1.GatewayAdmin/GetFeedback',
+                request_serializer=gateway__admin__pb2.GetFeedbackRequest.SerializeToString,
+                response_deserializer=gateway__admin__pb2.FeedbackStatus.FromString,
+                _registered_method=True)
 
 
 class GatewayAdminServicer:
@@ -171,6 +191,33 @@ class GatewayAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishVersion(self, request_iterator, context):
+        """A header message, then the model file in data chunks; the gateway checks the file, writes
+        the next version atomically, loads it, and optionally starts a canary rollout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVersions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendFeedback(self, request, context):
+        """Ground-truth labels for earlier request ids, joined to the predictions the gateway kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFeedback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +280,26 @@ def add_GatewayAdminServicer_to_server(servicer, server):
                     servicer.AbortRollout,
                     request_deserializer=gateway__admin__pb2.RolloutRequest.FromString,
                     response_serializer=gateway__admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'PublishVersion': grpc.stream_unary_rpc_method_handler(
+                    servicer.PublishVersion,
+                    request_deserializer=gateway__admin__pb2.PublishChunk.FromString,
+                    response_serializer=gateway__admin__pb2.PublishResult.SerializeToString,
+            ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=gateway__admin__pb2.ListVersionsRequest.FromString,
+                    response_serializer=gateway__admin__pb2.ListVersionsResponse.SerializeToString,
+            ),
+            'SendFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendFeedback,
+                    request_deserializer=gateway__admin__pb2.FeedbackRequest.FromString,
+                    response_serializer=gateway__admin__pb2.FeedbackResponse.SerializeToString,
+            ),
+            'GetFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeedback,
+                    request_deserializer=gateway__admin__pb2.GetFeedbackRequest.FromString,
+                    response_serializer=gateway__admin__pb2.FeedbackStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -559,6 +626,114 @@ class GatewayAdmin:
             '/gateway.admin.v1.GatewayAdmin/AbortRollout',
             gateway__admin__pb2.RolloutRequest.SerializeToString,
             gateway__admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishVersion(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gateway.admin.v1.GatewayAdmin/PublishVersion',
+            gateway__admin__pb2.PublishChunk.SerializeToString,
+            gateway__admin__pb2.PublishResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.admin.v1.GatewayAdmin/ListVersions',
+            gateway__admin__pb2.ListVersionsRequest.SerializeToString,
+            gateway__admin__pb2.ListVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.admin.v1.GatewayAdmin/SendFeedback',
+            gateway__admin__pb2.FeedbackRequest.SerializeToString,
+            gateway__admin__pb2.FeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.admin.v1.GatewayAdmin/GetFeedback',
+            gateway__admin__pb2.GetFeedbackRequest.SerializeToString,
+            gateway__admin__pb2.FeedbackStatus.FromString,
             options,
             channel_credentials,
             insecure,

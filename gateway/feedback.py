@@ -1,0 +1,354 @@
+"""Ground-truth feedback: keep what each model version predicted for a request id, join labels
+that arrive later, and report per-version accuracy (classification) or mean absolute error
+(regression).
+
+Enabled per model in ``<repository>/<model>/gateway.yaml``::
+
+    feedback:
+      output: label            # the output holding the prediction (default: inferred)
+      kind: classification     # or regression (default: inferred from the output)
+      max_requests: 100000     # request ids kept; the oldest are dropped first
+
+Inferred: the first integer or string output with one value per row is a class label; else a
+float output with several values per row is class scores (the prediction is the argmax), and
+one with a single value per row is a regression. Only requests with a non-empty id are kept,
+and only for enabled models: on the request path that is one dict lookup, a small argmax or
+slice of the response, and one insert into a bounded ordered dict, with no logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+from gateway.errors import NotFound
+
+log = logging.getLogger(__name__)
+FILENAME = "gateway.yaml"
+KINDS = ("classification", "regression")
+DEFAULT_CAPACITY = 100_000
+VALUE, ARGMAX = 0, 1  # how a prediction is read from its output
+INTEGERS = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL"}
+FLOATS = {"FP16", "FP32", "FP64"}
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class FeedbackSettings:
+    output: str | None = None
+    kind: str | None = None
+    capacity: int = DEFAULT_CAPACITY
+
+
+def parse_settings(document) -> FeedbackSettings | None:
+    """The ``feedback`` section of a parsed gateway.yaml; None when feedback is off."""
+    if not isinstance(document, dict) or "feedback" not in document:
+        return None
+    section = document["feedback"]
+    if section is True or section is None:
+        return FeedbackSettings()
+    if section is False:
+        return None
+    if not isinstance(section, dict):
+        raise SettingsError("feedback must be a mapping (or true)")
+    for key in section:
+        if key not in ("enabled", "output", "kind", "max_requests"):
+            log.warning("gateway.yaml: unknown key feedback.%s ignored", key)
+    if section.get("enabled", True) is False:
+        return None
+    output = section.get("output")
+    if output is not None and not isinstance(output, str):
+        raise SettingsError("feedback.output must be an output name")
+    kind = section.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise SettingsError(f"feedback.kind must be one of {', '.join(KINDS)}")
+    capacity = section.get("max_requests", DEFAULT_CAPACITY)
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise SettingsError("feedback.max_requests must be a positive whole number")
+    return FeedbackSettings(output, kind, capacity)
+
+
+def load_settings(model_dir: Path) -> FeedbackSettings | None:
+    try:
+        text = (model_dir / FILENAME).read_text()
+    except OSError:
+        return None
+    import yaml
+
+    try:
+        return parse_settings(yaml.safe_load(text))
+    except (yaml.YAMLError, ValueError) as exc:
+        log.error("model '%s': %s: feedback is off: %s", model_dir.name, FILENAME,
+                  str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+
+
+def plan_output(config, settings: FeedbackSettings) -> tuple[int, int, str, str]:
+    """(output index, VALUE | ARGMAX, kind, output name) for one version's config;
+    ValueError when no output fits."""
+    outputs = list(config.outputs)
+
+    def per_row(spec) -> int:
+        dims = [d for d in spec.dims if d != -1]
+        return prod(dims) if dims else 1
+
+    def label_like(spec) -> bool:
+        return (spec.datatype in INTEGERS or spec.datatype == "BYTES") and per_row(spec) == 1
+
+    if settings.output is not None:
+        index = config.output_index.get(settings.output)
+        if index is None:
+            raise ValueError(f"feedback.output '{settings.output}' is not an output (outputs: "
+                             f"{', '.join(o.name for o in outputs)})")
+        candidates = [outputs[index]]
+    else:
+        candidates = outputs
+    for spec in candidates:
+        index = config.output_index[spec.name]
+        if settings.kind in (None, "classification") and label_like(spec):
+            return index, VALUE, "classification", spec.name
+    for spec in candidates:
+        index = config.output_index[spec.name]
+        if spec.datatype not in FLOATS:
+            continue
+        if settings.kind in (None, "classification") and per_row(spec) > 1:
+            return index, ARGMAX, "classification", spec.name
+        if settings.kind in (None, "regression") and per_row(spec) == 1:
+            return index, VALUE, "regression", spec.name
+        if settings.kind == "regression":
+            return index, VALUE, "regression", spec.name  # the first value of each row
+    raise ValueError("no output holds a " + (settings.kind or "class label, class scores or "
+                                             "regression value"))
+
+
+class VersionTotals:
+    __slots__ = ("abs_error", "correct", "labelled")
+
+    def __init__(self):
+        self.labelled = 0
+        self.correct = 0
+        self.abs_error = 0.0
+
+
+class ModelFeedback:
+    """Predictions kept for one model, and its per-version totals."""
+
+    def __init__(self, model: str, settings: FeedbackSettings):
+        self.model = model
+        self.settings = settings
+        self.kept: OrderedDict[str, tuple[str, list]] = OrderedDict()
+        self.plans: dict[str, tuple | None] = {}  # version -> plan (None: nothing to record)
+        self.kind = settings.kind or ""
+        self.output = settings.output or ""
+        self.totals: dict[str, VersionTotals] = {}
+        self.unmatched = 0
+        self.lock = threading.Lock()  # totals are read by the metrics thread
+
+    def record(self, request_id: str, served, outputs: list, rows: int) -> None:
+        """Request path: keep this request's prediction (never raises, never logs per call)."""
+        plan = self.plans.get(served.version, False)
+        if plan is False:
+            plan = self._plan(served)
+        if plan is None:
+            return
+        index, how = plan
+        try:
+            data = outputs[index].reshape(rows, -1)
+            values = (data.argmax(axis=1) if how == ARGMAX else data[:, 0]).tolist()
+        except Exception:
+            return
+        kept = self.kept
+        kept[request_id] = (served.version, values)
+        if len(kept) > self.settings.capacity:
+            kept.popitem(last=False)
+
+    def _plan(self, served):
+        try:
+            index, how, kind, name = plan_output(served.config, self.settings)
+        except ValueError as exc:
+            log.error("model '%s' version %s: feedback cannot record predictions: %s",
+                      self.model, served.version, exc)
+            self.plans[served.version] = None
+            return None
+        self.kind, self.output = kind, name
+        self.plans[served.version] = (index, how)
+        return index, how
+
+    def label(self, request_id: str, labels: list[str]) -> str | None:
+        """Join one label set; None when the id is unknown, else "" or a refusal message."""
+        entry = self.kept.get(request_id)
+        if entry is None:
+            self.unmatched += 1
+            return None
+        version, predictions = entry
+        if len(labels) != len(predictions):
+            return (f"request '{request_id[:64]}' had {len(predictions)} row(s); "
+                    f"{len(labels)} label(s) given")
+        regression = self.kind == "regression"
+        if regression:
+            try:
+                errors = [abs(float(p) - float(label)) for p, label in zip(predictions, labels)]
+            except ValueError:
+                return f"request '{request_id[:64]}': regression labels must be numbers"
+            correct = 0
+        else:
+            errors = []
+            correct = sum(_same(p, label) for p, label in zip(predictions, labels))
+        del self.kept[request_id]
+        with self.lock:
+            totals = self.totals.get(version)
+            if totals is None:
+                totals = self.totals[version] = VersionTotals()
+            totals.labelled += len(labels)
+            totals.correct += correct
+            totals.abs_error += sum(errors)
+        return ""
+
+    def snapshot(self) -> list[tuple[str, int, int, float]]:
+        """(version, labelled, correct, sum of absolute errors), by version."""
+        with self.lock:
+            rows = [(v, t.labelled, t.correct, t.abs_error) for v, t in self.totals.items()]
+        return sorted(rows, key=lambda r: int(r[0]) if r[0].isdigit() else 0)
+
+
+def _same(prediction, label: str) -> bool:
+    label = label.strip()
+    if isinstance(prediction, bytes):
+        return prediction.decode("utf-8", "replace") == label
+    if isinstance(prediction, (bool, int, float)):
+        try:
+            return float(prediction) == float(label)
+        except ValueError:
+            return str(prediction) == label
+    return str(prediction) == label
+
+
+class FeedbackStore:
+    """Feedback of every enabled model; installs the record hooks into the data plane."""
+
+    def __init__(self, repository, dataplane):
+        self.repository = repository
+        self.dataplane = dataplane
+        self.models: dict[str, ModelFeedback] = {}
+        repository.on_change.append(self.model_changed)
+
+    def model_changed(self, model: str) -> None:
+        """(Re)read the model's settings after it (re)loads; versions may have new configs."""
+        entry = self.repository.models.get(model)
+        settings = None
+        if entry is not None and entry.serving:
+            settings = load_settings(self.repository.root / model)
+        current = self.models.get(model)
+        if settings is None:
+            if current is not None:
+                self.dataplane.feedback.pop(model, None)
+            return
+        if current is None or current.settings != settings:
+            current = ModelFeedback(model, settings) if current is None else \
+                _carry_over(current, settings)
+            self.models[model] = current
+            log.info("model '%s': feedback on (keeping up to %d request ids)", model,
+                     settings.capacity)
+        current.plans.clear()
+        for served in entry.serving.values():
+            current._plan(served)
+        self.dataplane.feedback[model] = current.record
+
+    def _get(self, model: str) -> ModelFeedback:
+        feedback = self.models.get(model)
+        if feedback is None:
+            if model not in self.repository.models:
+                raise NotFound(f"unknown model '{model}'")
+            raise NotFound(f"model '{model}' does not keep predictions for feedback: add "
+                           f"'feedback: {{}}' to its {FILENAME} (and send requests with an id)")
+        return feedback
+
+    def label(self, model: str, items: list[tuple[str, list[str]]]):
+        """(matched, unknown ids, refusals) for labels of earlier request ids."""
+        feedback = self._get(model)
+        matched, unknown, errors = 0, [], []
+        for request_id, labels in items:
+            if not request_id:
+                errors.append("a label without a request id")
+                continue
+            if not labels:
+                errors.append(f"request '{request_id[:64]}': no label given")
+                continue
+            outcome = feedback.label(request_id, labels)
+            if outcome is None:
+                unknown.append(request_id)
+            elif outcome:
+                errors.append(outcome)
+            else:
+                matched += 1
+        return matched, unknown, errors
+
+    def status(self, model: str) -> ModelFeedback:
+        return self._get(model)
+
+    def quality(self, model: str, version: str) -> tuple[str, int, float] | None:
+        """(kind, labelled, accuracy or mean absolute error) of one version, if labelled."""
+        feedback = self.models.get(model)
+        if feedback is None:
+            return None
+        for v, labelled, correct, abs_error in feedback.snapshot():
+            if v == version and labelled:
+                score = abs_error / labelled if feedback.kind == "regression" else \
+                    correct / labelled
+                return feedback.kind, labelled, score
+        return None
+
+
+def _carry_over(old: ModelFeedback, settings: FeedbackSettings) -> ModelFeedback:
+    """New settings keep the totals; kept predictions stay unless the output changed."""
+    new = ModelFeedback(old.model, settings)
+    new.totals, new.unmatched = old.totals, old.unmatched
+    if (settings.output, settings.kind) == (old.settings.output, old.settings.kind):
+        new.kept = old.kept
+        while len(new.kept) > settings.capacity:
+            new.kept.popitem(last=False)
+    return new
+
+
+class FeedbackCollector:
+    """Prometheus families of the feedback store (registered with the monitoring registry)."""
+
+    def __init__(self, store: FeedbackStore):
+        self.store = store
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        labelled = CounterMetricFamily(
+            "gateway_feedback_labelled", "Predictions joined to a ground-truth label, by model "
+            "and version", labels=["model", "version"])
+        accuracy = GaugeMetricFamily(
+            "gateway_feedback_accuracy_ratio", "Share of labelled predictions that were right "
+            "(classification models)", labels=["model", "version"])
+        mae = GaugeMetricFamily(
+            "gateway_feedback_mean_absolute_error", "Mean absolute error of labelled "
+            "predictions (regression models)", labels=["model", "version"])
+        kept = GaugeMetricFamily("gateway_feedback_predictions_kept", "Predictions waiting "
+                                 "for a label", labels=["model"])
+        unmatched = CounterMetricFamily(
+            "gateway_feedback_unmatched_labels", "Labels whose request id had no kept "
+            "prediction", labels=["model"])
+        for model, feedback in sorted(self.store.models.copy().items()):
+            kept.add_metric([model], len(feedback.kept))
+            unmatched.add_metric([model], feedback.unmatched)
+            for version, n, correct, abs_error in feedback.snapshot():
+                labelled.add_metric([model, version], n)
+                if not n:
+                    continue
+                if feedback.kind == "regression":
+                    mae.add_metric([model, version], abs_error / n)
+                else:
+                    accuracy.add_metric([model, version], correct / n)
+        yield from (labelled, accuracy, mae, kept, unmatched)

@@ -1,0 +1,70 @@
+"""Monitoring: Prometheus metrics, GPU sampling, input statistics and drift, drift hooks.
+
+:class:`Monitoring` wires them to the server's seams and serves ``/metrics`` from its own
+registry (plus the client library's process collector). ``--metrics-port -1`` turns all of it
+off; then none of the observers are installed and the request path pays nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.monitoring.drift import DriftEngine
+from gateway.monitoring.gpu import GpuSampler
+from gateway.monitoring.metrics import GatewayCollector, ServingMetrics
+from gateway.monitoring.stats import read_baseline, write_baseline
+
+__all__ = ["Monitoring", "read_baseline", "write_baseline"]
+log = logging.getLogger(__name__)
+
+
+class Monitoring:
+    def __init__(self, repository, router, dataplane, gpu_sample_interval: float = 5.0,
+                 drift_interval: float = 1.0):
+        from prometheus_client import CollectorRegistry, ProcessCollector
+
+        self.repository = repository
+        self.router = router
+        self.dataplane = dataplane
+        self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        self.gpu = GpuSampler(gpu_sample_interval)
+        self.drift = DriftEngine(repository, drift_interval)
+        self.metrics = ServingMetrics(repository, self.drift)
+        self.registry.register(GatewayCollector(self.metrics, repository, router, dataplane,
+                                                self.gpu, self.drift))
+        self._http = None
+
+    def attach(self) -> None:
+        """Install the observers; call before models load (batchers take theirs at load)."""
+        m = self.metrics
+        self.dataplane.observer = m.observe_request
+        self.repository.batch_observer = m.observe_batch
+        self.repository.on_change.append(self._model_changed)
+        if hasattr(self.repository, "on_load_failure"):
+            self.repository.on_load_failure.append(m.load_failed)
+        self.router.on_fallback.append(m.fallback)
+        self.dataplane.on_shadow.append(m.shadow_done)
+
+    def _model_changed(self, model: str) -> None:
+        self.metrics.model_changed(model)
+        self.drift.request_sync(model)
+
+    def start(self, host: str, port: int) -> int:
+        """Attach, start the samplers and the HTTP endpoint; return the bound port."""
+        from prometheus_client import start_http_server
+
+        self.attach()
+        self.gpu.start()
+        self.drift.start()
+        self._http, _thread = start_http_server(port, addr=host.strip("[]"),
+                                                registry=self.registry)
+        return self._http.server_port
+
+    def stop(self) -> None:
+        self.drift.stop()
+        self.gpu.stop()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

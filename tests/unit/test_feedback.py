@@ -1,0 +1,238 @@
+"""Feedback: settings, which output is the prediction, the bounded store, the join and the
+metrics; and the data plane's hook (requests with an id, enabled models only)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from gateway.dataplane import DataPlane
+from gateway.errors import NotFound
+from gateway.feedback import (
+    ARGMAX,
+    VALUE,
+    FeedbackCollector,
+    FeedbackSettings,
+    FeedbackStore,
+    ModelFeedback,
+    SettingsError,
+    parse_settings,
+    plan_output,
+)
+from gateway.modelconfig import ModelConfig, VersionPolicy
+from gateway.statistics import ModelStats
+from gateway.tensors import InferRequest, Tensor, TensorSpec
+
+
+def config(outputs, name="m") -> ModelConfig:
+    specs = tuple(TensorSpec(n, dt, dims) for n, dt, dims in outputs)
+    return ModelConfig(name, "onnxruntime_onnx", 8, (TensorSpec("x", "FP32", (4,)),), specs,
+                       VersionPolicy(), None, (), {}, "model.onnx", {}, {"x": 0},
+                       {s.name: i for i, s in enumerate(specs)}, None)
+
+
+IRIS = [("label", "INT64", ()), ("probabilities", "FP32", (3,))]
+
+
+def served(version="1", outputs=IRIS, model="m"):
+    return SimpleNamespace(model=model, version=version, config=config(outputs, model),
+                           stats=ModelStats())
+
+
+def test_settings():
+    assert parse_settings({"drift": {}}) is None
+    assert parse_settings(None) is None
+    assert parse_settings({"feedback": {}}) == FeedbackSettings()
+    assert parse_settings({"feedback": None}) == FeedbackSettings()
+    assert parse_settings({"feedback": True}) == FeedbackSettings()
+    assert parse_settings({"feedback": False}) is None
+    assert parse_settings({"feedback": {"enabled": False}}) is None
+    assert parse_settings({"feedback": {"output": "y", "kind": "regression",
+                                        "max_requests": 10}}) == \
+        FeedbackSettings("y", "regression", 10)
+    for bad in ({"kind": "ranking"}, {"max_requests": 0}, {"max_requests": True},
+                {"output": 3}, [1, 2]):
+        with pytest.raises(SettingsError):
+            parse_settings({"feedback": bad})
+
+
+@pytest.mark.parametrize("outputs, settings, expected", [
+    (IRIS, FeedbackSettings(), (0, VALUE, "classification", "label")),
+    (IRIS, FeedbackSettings(output="probabilities"),
+     (1, ARGMAX, "classification", "probabilities")),
+    ([("scores", "FP32", (10,))], FeedbackSettings(), (0, ARGMAX, "classification", "scores")),
+    ([("price", "FP32", (1,))], FeedbackSettings(), (0, VALUE, "regression", "price")),
+    ([("price", "FP64", ())], FeedbackSettings(), (0, VALUE, "regression", "price")),
+    ([("name", "BYTES", (1,)), ("p", "FP32", (2,))], FeedbackSettings(),
+     (0, VALUE, "classification", "name")),
+    ([("y", "FP32", (3,))], FeedbackSettings(kind="regression"), (0, VALUE, "regression", "y")),
+])
+def test_the_prediction_output_is_inferred(outputs, settings, expected):
+    assert plan_output(config(outputs), settings) == expected
+
+
+def test_no_fitting_output_is_an_error():
+    with pytest.raises(ValueError, match="'nope' is not an output"):
+        plan_output(config(IRIS), FeedbackSettings(output="nope"))
+    with pytest.raises(ValueError, match="no output holds a regression"):
+        plan_output(config([("label", "INT64", ())]), FeedbackSettings(kind="regression"))
+
+
+def test_classification_join_per_version():
+    feedback = ModelFeedback("m", FeedbackSettings())
+    v1, v2 = served("1"), served("2")
+    feedback.record("a", v1, [np.array([2]), np.array([[0.1, 0.2, 0.7]], np.float32)], 1)
+    feedback.record("b", v1, [np.array([1]), np.zeros((1, 3), np.float32)], 1)
+    feedback.record("c", v2, [np.array([0, 2]), np.zeros((2, 3), np.float32)], 2)
+    assert feedback.label("a", ["2"]) == ""
+    assert feedback.label("b", ["0"]) == ""
+    assert feedback.label("a", ["2"]) is None  # labelled already
+    assert feedback.label("zz", ["1"]) is None
+    assert feedback.label("c", ["0"]) == "request 'c' had 2 row(s); 1 label(s) given"
+    assert feedback.label("c", ["0", "2.0"]) == ""
+    assert feedback.snapshot() == [("1", 2, 1, 0.0), ("2", 2, 2, 0.0)]
+    assert feedback.unmatched == 2
+    assert not feedback.kept
+
+
+def test_argmax_of_class_scores():
+    feedback = ModelFeedback("m", FeedbackSettings(output="probabilities"))
+    feedback.record("a", served(), [np.array([0]), np.array([[0.1, 0.7, 0.2]], np.float32)], 1)
+    assert feedback.kept["a"] == ("1", [1])
+
+
+def test_regression_mean_absolute_error():
+    feedback = ModelFeedback("m", FeedbackSettings())
+    version = served(outputs=[("y", "FP32", (1,))])
+    feedback.record("a", version, [np.array([[1.5]], np.float32)], 1)
+    feedback.record("b", version, [np.array([[3.0], [4.0]], np.float32)], 2)
+    assert feedback.label("a", ["2.5"]) == ""
+    assert feedback.label("b", ["x", "1"]) == "request 'b': regression labels must be numbers"
+    assert feedback.label("b", ["3", "5"]) == ""
+    (version_, n, _correct, abs_error), = feedback.snapshot()
+    assert (version_, n) == ("1", 3) and abs_error == pytest.approx(2.0)
+
+
+def test_the_store_is_bounded_oldest_first():
+    feedback = ModelFeedback("m", FeedbackSettings(capacity=3))
+    for i in range(5):
+        feedback.record(f"r{i}", served(), [np.array([i]), np.zeros((1, 3))], 1)
+    assert list(feedback.kept) == ["r2", "r3", "r4"]
+
+
+def test_a_version_without_a_usable_output_records_nothing(caplog):
+    feedback = ModelFeedback("m", FeedbackSettings(output="nope"))
+    version = served()
+    for i in range(3):
+        feedback.record(f"r{i}", version, [np.array([1]), np.zeros((1, 3))], 1)
+    assert not feedback.kept
+    assert sum("feedback cannot record" in r.message for r in caplog.records) == 1
+
+
+class Repo:
+    def __init__(self, root, entries):
+        self.root = root
+        self.models = entries
+        self.on_change = []
+
+
+def test_the_store_follows_gateway_yaml(tmp_path):
+    (tmp_path / "m").mkdir()
+    entry = SimpleNamespace(serving={"1": served()})
+    repo = Repo(tmp_path, {"m": entry})
+    plane = SimpleNamespace(feedback={})
+    store = FeedbackStore(repo, plane)
+    assert repo.on_change == [store.model_changed]
+    store.model_changed("m")
+    assert plane.feedback == {}
+    with pytest.raises(NotFound, match="add 'feedback: {}' to its gateway.yaml"):
+        store.status("m")
+    with pytest.raises(NotFound, match="unknown model 'x'"):
+        store.status("x")
+    (tmp_path / "m" / "gateway.yaml").write_text("drift: {}\nfeedback:\n  max_requests: 5\n")
+    store.model_changed("m")
+    assert plane.feedback["m"] == store.models["m"].record
+    assert store.models["m"].kind == "classification" and store.models["m"].output == "label"
+    plane.feedback["m"]("req", entry.serving["1"], [np.array([2]), np.zeros((1, 3))], 1)
+    matched, unknown, errors = store.label("m", [("req", ["2"]), ("other", ["1"]), ("", ["1"]),
+                                                 ("x", [])])
+    assert (matched, unknown) == (1, ["other"])
+    assert errors == ["a label without a request id", "request 'x': no label given"]
+    assert store.quality("m", "1") == ("classification", 1, 1.0)
+    assert store.quality("m", "2") is None
+    # Settings change: totals are kept; feedback off removes the hook.
+    (tmp_path / "m" / "gateway.yaml").write_text("feedback:\n  max_requests: 9\n")
+    store.model_changed("m")
+    assert store.models["m"].settings.capacity == 9 and store.quality("m", "1")[1] == 1
+    (tmp_path / "m" / "gateway.yaml").write_text("feedback: {enabled: false}\n")
+    store.model_changed("m")
+    assert "m" not in plane.feedback
+
+
+def test_a_broken_gateway_yaml_turns_feedback_off(tmp_path, caplog):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "gateway.yaml").write_text("feedback: {kind: ranking}\n")
+    repo = Repo(tmp_path, {"m": SimpleNamespace(serving={"1": served()})})
+    plane = SimpleNamespace(feedback={})
+    FeedbackStore(repo, plane).model_changed("m")
+    assert plane.feedback == {}
+    assert any("feedback is off: feedback.kind must be one of" in r.message
+               for r in caplog.records)
+
+
+def test_the_collector_exports_per_version_scores(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "r").mkdir()
+    for name in ("c", "r"):
+        (tmp_path / name / "gateway.yaml").write_text("feedback: {}\n")
+    classifier, regressor = served(model="c"), served(model="r", outputs=[("y", "FP32", (1,))])
+    repo = Repo(tmp_path, {"c": SimpleNamespace(serving={"1": classifier}),
+                           "r": SimpleNamespace(serving={"1": regressor})})
+    store = FeedbackStore(repo, SimpleNamespace(feedback={}))
+    store.model_changed("c")
+    store.model_changed("r")
+    store.models["c"].record("a", classifier, [np.array([1]), np.zeros((1, 3))], 1)
+    store.models["c"].record("b", classifier, [np.array([1]), np.zeros((1, 3))], 1)
+    store.models["r"].record("a", regressor, [np.array([[2.0]])], 1)
+    store.label("c", [("a", ["1"]), ("b", ["0"]), ("nope", ["1"])])
+    store.label("r", [("a", ["2.5"])])
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in FeedbackCollector(store).collect() for s in family.samples}
+    assert samples[("gateway_feedback_accuracy_ratio", (("model", "c"), ("version", "1")))] \
+        == 0.5
+    assert samples[("gateway_feedback_labelled_total", (("model", "c"), ("version", "1")))] == 2
+    assert samples[("gateway_feedback_mean_absolute_error",
+                    (("model", "r"), ("version", "1")))] == 0.5
+    assert samples[("gateway_feedback_unmatched_labels_total", (("model", "c"),))] == 1
+    assert samples[("gateway_feedback_predictions_kept", (("model", "c"),))] == 0
+    assert ("gateway_feedback_accuracy_ratio", (("model", "r"), ("version", "1"))) not in samples
+
+
+# ---- the data plane hook ------------------------------------------------------------------------
+
+class Batcher:
+    async def submit(self, arrays, size, key, *args):
+        x = arrays[0]
+        return [x.argmax(axis=1).astype(np.int64), x]
+
+
+def test_the_data_plane_keeps_predictions_of_requests_with_an_id_only():
+    version = SimpleNamespace(model="m", version="1", batcher=Batcher(), stats=ModelStats(),
+                              config=config([("label", "INT64", ()), ("scores", "FP32", (4,))]))
+    other = SimpleNamespace(**{**vars(version), "model": "n"})
+    versions = {"m": version, "n": other}
+    router = SimpleNamespace(policies={}, route=lambda model, v, key: versions[model])
+    plane = DataPlane(router)
+    feedback = ModelFeedback("m", FeedbackSettings())
+    plane.feedback["m"] = feedback.record
+    x = np.array([[0, 0, 3, 1]], np.float32)
+
+    async def run():
+        for request_id, model in (("r1", "m"), ("", "m"), ("r2", "n")):
+            await plane.infer(InferRequest(model, "", request_id, [Tensor("x", "FP32", x)]))
+
+    asyncio.run(run())
+    assert dict(feedback.kept) == {"r1": ("1", [2])}
