@@ -56,6 +56,26 @@ def request_bytes(model: str, batch: int) -> bytes:
         raw_input_contents=[x.tobytes()]).SerializeToString()
 
 
+def probe_all_succeed(port: int, request: bytes, count: int = 200) -> None:
+    """Send ``count`` requests over fresh connections; any gRPC error fails the run."""
+    import grpc
+
+    for _ in range(count // 20):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            for _ in range(20):
+                call(request, timeout=10)
+
+
+def free_port() -> int:
+    """A port free right now (--workers needs a fixed one to share)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads), from /proc."""
     import os
@@ -89,6 +109,8 @@ def main(argv=None) -> int:
                         help="extra argument for gateway serve (repeatable)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
+    workers = next((int(a.split("=", 1)[1]) for a in args.gateway_arg
+                    if a.startswith("--workers=")), 1)
     if not h2load.available():
         print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
         return 2
@@ -96,7 +118,7 @@ def main(argv=None) -> int:
         repo = build_repository(Path(tmp), args.model, args.instances)
         floor, floor_port = start([sys.executable, "-m", "bench.floor"], r"floor ready: grpc \S+:(\d+)")
         gateway, gw_port = start([sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
-                                  "--grpc-port", "0", "--metrics-port", "-1",
+                                  "--grpc-port", str(free_port()), "--metrics-port", "-1",
                                   "--model-repository", str(repo), "--log-level", "WARNING",
                                   *args.gateway_arg], r"gateway ready: grpc \S+:(\d+)")
         try:
@@ -113,7 +135,10 @@ def main(argv=None) -> int:
                     # h2load counts warm-up requests in CPU time but not in "done": approximate.
                     cpu_us[name].append(round((cpu_seconds(proc.pid) - cpu_before) * 1e6
                                               / max(1, result.done * (1 + 1 / args.seconds)), 1))
-                    if name == "gateway":
+                    # With --workers each stats call reaches one worker: count errors by probing.
+                    if name == "gateway" and workers > 1:
+                        probe_all_succeed(port, request)
+                    elif name == "gateway":
                         ok = successes(port, args.model) - before
                         if ok < result.done:
                             raise RuntimeError(f"gateway answered {result.done - ok} requests "
