@@ -332,7 +332,7 @@ def _root_conftest():
 
 
 start_gateway = _root_conftest().start_gateway
-BUSY_ITERATIONS = 12000  # several seconds of work for one request: long enough to probe a drain
+BUSY_ITERATIONS = 16000  # ~5 s of work on one core here (~0.3 ms a pass): time to probe a drain
 
 
 def probe(*args: str, env: dict | None = None) -> tuple[int, str]:
