@@ -215,7 +215,14 @@ def _print_rollout(status) -> None:
         rate = w.errors / w.requests if w.requests else 0.0
         print(f"  {name:<9} {w.requests} requests, {rate:.2%} errors, p99 {w.p99_ms:.2f} ms")
     print(f"  limits:   error rate <= {status.max_error_rate:.2%}, p99 <= "
-          f"{status.max_latency_ratio:g}x baseline")
+          f"{status.max_latency_ratio:g}x baseline"
+          + (f", accuracy >= {status.min_accuracy_ratio:g}x baseline (after "
+             f"{status.min_labels} labels each)" if status.min_accuracy_ratio else ""))
+    for f in status.feedback:
+        name = "canary" if f.version == status.to_version else "baseline"
+        score = (f"accuracy {f.accuracy:.2%}" if f.HasField("accuracy")
+                 else f"mean absolute error {f.mean_absolute_error:.4g}")
+        print(f"  {name:<9} {f.labelled} labelled predictions, {score}")
     if status.reason:
         print(f"  reason:   {status.reason}")
     for event in status.history[-8:]:
@@ -231,7 +238,8 @@ def _rollout(args) -> int:
         request = apb.StartRolloutRequest(
             model=args.model, to_version=args.to, from_version=args.from_version or "",
             steps=args.steps or [], interval_seconds=args.interval or 0,
-            max_latency_ratio=args.max_latency_ratio or 0, min_requests=args.min_requests or 0)
+            max_latency_ratio=args.max_latency_ratio or 0, min_requests=args.min_requests or 0,
+            min_accuracy_ratio=args.min_accuracy_ratio or 0, min_labels=args.min_labels or 0)
         if args.max_error_rate is not None:
             request.max_error_rate = args.max_error_rate
         _print_rollout(_admin_call(args, "StartRollout", request))
@@ -269,7 +277,10 @@ def _publish(args) -> int:
             args.model, args.file, repository=args.repository,
             url=None if args.repository is not None else args.url,
             metadata=_key_values(args.metadata), baseline=args.baseline, canary=args.canary,
-            canary_interval=args.canary_interval,
+            canary_interval=args.canary_interval, canary_options={
+                k: v for k, v in (("max_latency_ratio", args.canary_max_latency_ratio),
+                                  ("min_accuracy_ratio", args.canary_min_accuracy_ratio))
+                if v is not None},
             allow_signature_change=args.allow_signature_change, from_mlflow=args.from_mlflow,
             token=args.token, tls_ca=args.tls_ca, timeout=args.timeout)
     except GatewayError as exc:
@@ -502,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="canary p99 / baseline p99, default 1.5")
     start.add_argument("--min-requests", type=int,
                        help="canary requests needed to judge a step, default 100")
+    start.add_argument("--min-accuracy-ratio", type=float, metavar="R",
+                       help="also roll back when the canary's feedback accuracy is below R x "
+                            "the baseline's (needs feedback on; default off)")
+    start.add_argument("--min-labels", type=int,
+                       help="labelled predictions per version before accuracy counts, "
+                            "default 50")
     for verb, text in (("status", "show a rollout"), ("pause", "hold the current step"),
                        ("resume", "continue a paused rollout"),
                        ("abort", "stop and send all traffic back to the baseline")):
@@ -530,6 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="start a rollout at PCT%% once the version is ready (--url)")
     publish.add_argument("--canary-interval", type=_duration, metavar="DURATION",
                          help="seconds per canary step (default: the rollout's 60s)")
+    publish.add_argument("--canary-max-latency-ratio", type=float, metavar="R",
+                         help="canary p99 / baseline p99 allowed (default 1.5)")
+    publish.add_argument("--canary-min-accuracy-ratio", type=float, metavar="R",
+                         help="also judge the canary by feedback accuracy (see rollout start "
+                              "--min-accuracy-ratio)")
     publish.add_argument("--allow-signature-change", action="store_true",
                          help="accept inputs/outputs that differ from the model's config and "
                               "last version")

@@ -41,7 +41,8 @@ class PublishResult:
 
 def publish(model: str, file=None, *, repository=None, url: str | None = None,
             metadata: dict | None = None, baseline=None, canary: float | None = None,
-            canary_interval: float | None = None, allow_signature_change: bool = False,
+            canary_interval: float | None = None, canary_options: dict | None = None,
+            allow_signature_change: bool = False,
             from_mlflow: str | None = None, token: str | None = None, tls_ca=None,
             timeout: float = 300.0) -> PublishResult:
     """Publish ``file`` (an ONNX model) as the next version of ``model``.
@@ -49,7 +50,10 @@ def publish(model: str, file=None, *, repository=None, url: str | None = None,
     Exactly one of ``repository`` (a model repository directory) and ``url`` (a running
     gateway). ``baseline``: training inputs for the drift monitor, a ``.npy`` path (the first
     input's data), a ``.npz`` path (keys = input names), an array, or {input name: array}.
-    ``canary``: start a rollout at this percent once the version is ready (``url`` only).
+    ``canary``: start a rollout at this percent once the version is ready (``url`` only), with
+    ``canary_interval`` seconds per step and ``canary_options``: other limits by their
+    StartRolloutRequest names (max_error_rate, max_latency_ratio, min_requests, steps,
+    min_accuracy_ratio, min_labels).
     ``from_mlflow``: a ``models:/NAME/VERSION`` URI to take the file and run metadata from.
     """
     if (repository is None) == (url is None):
@@ -73,7 +77,10 @@ def publish(model: str, file=None, *, repository=None, url: str | None = None,
         if repository is not None:
             return _publish_local(Path(repository), model, file, metadata, baseline,
                                   allow_signature_change)
-        return _publish_remote(url, model, file, metadata, baseline, canary, canary_interval,
+        options = dict(canary_options or {})
+        if canary_interval:
+            options["interval_seconds"] = float(canary_interval)
+        return _publish_remote(url, model, file, metadata, baseline, canary, options,
                                allow_signature_change, token, tls_ca, timeout, Path(tmp))
 
 
@@ -93,7 +100,7 @@ def _publish_local(root, model, file, metadata, baseline, allow) -> PublishResul
     return PublishResult(done.model, done.version, "WRITTEN", "", done.metadata, None, done.path)
 
 
-def _publish_remote(url, model, file, metadata, baseline, canary, canary_interval, allow,
+def _publish_remote(url, model, file, metadata, baseline, canary, canary_options, allow,
                     token, tls_ca, timeout, tmp: Path) -> PublishResult:
     import grpc
 
@@ -120,11 +127,14 @@ def _publish_remote(url, model, file, metadata, baseline, canary, canary_interva
     with open(file, "rb") as f:
         while block := f.read(CHUNK):
             digest.update(block)
+    try:
+        limits = apb.StartRolloutRequest(**canary_options)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"canary_options: {exc}") from None
     header = apb.PublishHeader(
         model=model, metadata_json=metadata_json, allow_signature_change=allow,
-        canary_percent=float(canary or 0), canary_interval_seconds=float(canary_interval or 0),
-        baseline_npz=baseline_npz, size=file.stat().st_size, sha256=digest.hexdigest(),
-        source=file.name)
+        canary_percent=float(canary or 0), canary=limits, baseline_npz=baseline_npz,
+        size=file.stat().st_size, sha256=digest.hexdigest(), source=file.name)
 
     def chunks():
         yield apb.PublishChunk(header=header)

@@ -28,7 +28,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -482,14 +482,12 @@ class RegistryService:
         self.rollouts = rollouts
 
     async def publish(self, model: str, upload: Path, *, metadata: dict, baseline_npz: bytes,
-                      allow_signature_change: bool, canary_percent: float,
-                      canary_interval_s: float, source: str, sha256: str, who: str):
-        """(Published, state, detail, Rollout | None)."""
-        from gateway.rollout import RolloutSpec
-
+                      allow_signature_change: bool, canary, source: str, sha256: str,
+                      who: str):
+        """(Published, state, detail, Rollout | None); ``canary``: a RolloutSpec whose
+        to_version is filled in once the version has its number, or None."""
         check_model_name(model)
-        steps = canary_steps(canary_percent) if canary_percent else None
-        held = self._hold_traffic(model, who) if steps else None
+        held = self._hold_traffic(model, who) if canary is not None else None
         loop = asyncio.get_running_loop()
         try:
             published = await loop.run_in_executor(None, lambda: publish_version(
@@ -508,18 +506,15 @@ class RegistryService:
             detail = (entry.reasons.get(version) or entry.reasons.get("")
                       or "the model's version policy does not serve it")
         rollout = None
-        if steps and state == "READY":
-            spec = RolloutSpec(model, version, "", steps=steps)
-            if canary_interval_s > 0:
-                spec = RolloutSpec(model, version, "", steps=steps, interval_s=canary_interval_s)
+        if canary is not None and state == "READY":
             try:
-                rollout = self.rollouts.start(spec, who)
+                rollout = self.rollouts.start(replace(canary, to_version=version), who)
             except Exception as exc:  # the version is written and loaded: say why, keep it safe
                 detail = f"the canary did not start: {getattr(exc, 'message', exc)}"
                 if held is not None:
                     detail += (f"; all traffic stays on version {held['version']} (`gateway "
                                f"traffic clear {model}` lets the newest version serve)")
-        elif steps:
+        elif canary is not None:
             self._release(model, held, who)
             detail = f"{detail}; the canary did not start"
         return published, state, detail, rollout
@@ -538,13 +533,17 @@ class RegistryService:
                 f"model '{model}''s version policy serves only its newest version, so the old "
                 "one would retire when the canary loads: set version_policy { latest { "
                 "num_versions: 2 } } (or all { }) in its config.pbtxt")
+        active = self.rollouts.rollouts.get(model)
+        if active is not None and active.state in ("running", "paused"):
+            raise FailedPrecondition(
+                f"model '{model}' already has a {active.state} rollout to version "
+                f"{active.spec.to_version}; let it finish or abort it before a new canary")
         if self.traffic.policy(model).weights:
             return None  # a split is set: the new version gets nothing until the rollout
         shares, _ = self.traffic.router.effective(model)
         current = max(shares, key=shares.get) if shares else max(entry.serving, key=int)
         self.traffic.set_split(model, {current: 100.0}, f"{who} (publish: hold traffic on "
                                                         f"version {current} for the canary)")
-
         return {"version": current, "shadow": self.traffic.policy(model).shadow}
 
     def _release(self, model: str, held: dict | None, who: str) -> None:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 SECTION = "rollouts"
 ACTIVE = ("running", "paused")
 SAMPLES = 4096  # latencies kept per version for p99 (the most recent)
+LATENCY_SLACK_S = 0.002  # p99 differences below this are noise, whatever the ratio
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +45,19 @@ class RolloutSpec:
     max_error_rate: float = 0.01
     max_latency_ratio: float = 1.5
     min_requests: int = 100
+    # Ground-truth feedback (gateway/feedback.py), off at 0: the canary's accuracy must be at
+    # least this times the baseline's (regression: its mean absolute error at most the
+    # baseline's divided by it), once both versions have ``min_labels`` labelled predictions.
+    min_accuracy_ratio: float = 0.0
+    min_labels: int = 50
 
     def validate(self) -> None:
+        self.validate_limits()
+        if self.to_version == self.from_version:
+            raise InvalidArgument("the canary and the baseline are the same version")
+
+    def validate_limits(self) -> None:
+        """Everything but the versions (a publish checks its canary before it has one)."""
         if not self.steps or any(not 0 < s <= 100 for s in self.steps) \
                 or list(self.steps) != sorted(self.steps):
             raise InvalidArgument("steps must be increasing percentages in (0, 100]")
@@ -56,8 +68,8 @@ class RolloutSpec:
         if not 0 <= self.max_error_rate <= 1 or self.max_latency_ratio <= 0:
             raise InvalidArgument("max_error_rate must be within [0, 1] and max_latency_ratio "
                                   "positive")
-        if self.to_version == self.from_version:
-            raise InvalidArgument("the canary and the baseline are the same version")
+        if not self.min_accuracy_ratio >= 0 or self.min_labels < 0:
+            raise InvalidArgument("min_accuracy_ratio and min_labels must not be negative")
 
 
 @dataclass(slots=True)
@@ -108,7 +120,12 @@ class Window:
         return self.errors / self.requests if self.requests else 0.0
 
 
-def decide(spec: RolloutSpec, canary: Window, baseline: Window) -> tuple[str, str]:
+Quality = tuple  # (kind, labelled, accuracy or mean absolute error) of one version
+
+
+def decide(spec: RolloutSpec, canary: Window, baseline: Window,
+           canary_quality: Quality | None = None,
+           baseline_quality: Quality | None = None) -> tuple[str, str]:
     """("advance" | "rollback" | "wait", why) for one finished step."""
     if canary.requests < spec.min_requests:
         return "wait", (f"{canary.requests} canary requests so far; {spec.min_requests} needed "
@@ -118,13 +135,38 @@ def decide(spec: RolloutSpec, canary: Window, baseline: Window) -> tuple[str, st
                             f"{spec.max_error_rate:.2%} ({canary.errors} of {canary.requests})")
     if baseline.requests and baseline.p99_s > 0:
         ratio = canary.p99_s / baseline.p99_s
-        if ratio > spec.max_latency_ratio:
+        # Sub-millisecond p99s jitter by more than any ratio on a busy host: a canary is slow
+        # only when it is also slower by a noticeable absolute margin.
+        if ratio > spec.max_latency_ratio and canary.p99_s - baseline.p99_s > LATENCY_SLACK_S:
             return "rollback", (f"canary p99 latency {canary.p99_s * 1000:.2f} ms is "
                                 f"{ratio:.2f}x the baseline's {baseline.p99_s * 1000:.2f} ms "
                                 f"(limit {spec.max_latency_ratio:g}x)")
+    if spec.min_accuracy_ratio > 0:
+        verdict = _judge_quality(spec, canary_quality, baseline_quality)
+        if verdict is not None:
+            return verdict
     return "advance", (f"canary healthy: {canary.requests} requests, error rate "
                        f"{canary.error_rate:.2%}, p99 {canary.p99_s * 1000:.2f} ms vs baseline "
                        f"{baseline.p99_s * 1000:.2f} ms")
+
+
+def _judge_quality(spec: RolloutSpec, canary: Quality | None,
+                   baseline: Quality | None) -> tuple[str, str] | None:
+    """The feedback check: None when the canary is good enough."""
+    labelled = [q[1] if q else 0 for q in (canary, baseline)]
+    if min(labelled) < max(spec.min_labels, 1):
+        return "wait", (f"{labelled[0]} canary and {labelled[1]} baseline predictions "
+                        f"labelled; {spec.min_labels} each needed to compare accuracy")
+    kind, _, score = canary
+    base = baseline[2]
+    if kind == "regression":
+        if score * spec.min_accuracy_ratio > base:
+            return "rollback", (f"canary mean absolute error {score:.4g} is above the "
+                                f"baseline's {base:.4g} / {spec.min_accuracy_ratio:g}")
+    elif score < spec.min_accuracy_ratio * base:
+        return "rollback", (f"canary accuracy {score:.2%} is below {spec.min_accuracy_ratio:g}x "
+                            f"the baseline's {base:.2%} ({canary[1]} labelled)")
+    return None
 
 
 class VersionWindows:
@@ -185,6 +227,8 @@ class RolloutController:
         self.clock = clock
         self.rollouts: dict[str, Rollout] = {}
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        # (model, version) -> Quality | None: labelled feedback, for min_accuracy_ratio
+        self.quality = None
 
     # ---- operator actions -----------------------------------------------------------------
 
@@ -286,7 +330,10 @@ class RolloutController:
             spec = rollout.spec
             canary = self.windows.window(spec.model, spec.to_version)
             baseline = self.windows.window(spec.model, spec.from_version)
-            verdict, why = decide(spec, canary, baseline)
+            qualities = ((self.quality(spec.model, spec.to_version),
+                          self.quality(spec.model, spec.from_version))
+                         if spec.min_accuracy_ratio > 0 and self.quality is not None else ())
+            verdict, why = decide(spec, canary, baseline, *qualities)
             if verdict == "wait":
                 continue
             if verdict == "rollback":

@@ -49,6 +49,7 @@ class GatewayServer:
         self.dataplane = DataPlane(self.router, settings.max_inflight,
                                    settings.max_inflight_per_model)
         self.feedback = FeedbackStore(self.repository, self.dataplane)
+        self.rollouts.quality = self.feedback.quality  # for min_accuracy_ratio
         self.registry = RegistryService(self.repository, self.traffic, self.rollouts)
         self.health = health.aio.HealthServicer()
         self.authenticator = (TokenAuthenticator(settings.auth_tokens) if settings.auth_tokens

@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shift", type=float, default=1.5,
                         help="how far the data the hook retrains on has moved")
     parser.add_argument("--canary-interval", type=float, default=30.0)
+    parser.add_argument("--no-hook", action="store_true",
+                        help="no drift hook: retrain and publish by hand")
     parser.add_argument("--window", default="1m")
     parser.add_argument("--min-samples", type=int, default=200)
     parser.add_argument("--for", dest="hold", default="10s")
@@ -62,9 +64,11 @@ def main(argv=None) -> int:
     command = [sys.executable, str(HERE / "train.py"), "--hook", "--url", args.url,
                "--shift", str(args.shift), "--canary", "10",
                "--canary-interval", str(args.canary_interval)]
-    (model_dir / "gateway.yaml").write_text(GATEWAY_YAML.format(
-        window=args.window, min_samples=args.min_samples, hold=args.hold,
-        command=json.dumps(command)))
+    text = GATEWAY_YAML.format(window=args.window, min_samples=args.min_samples,
+                               hold=args.hold, command=json.dumps(command))
+    if args.no_hook:
+        text = text[:text.index("  hook:")]
+    (model_dir / "gateway.yaml").write_text(text)
     print(f"repository ready: {args.repository} (model iris version 1)")
     return 0
 

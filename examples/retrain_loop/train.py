@@ -1,6 +1,7 @@
 """Train an iris classifier on fresh data, convert it to ONNX and publish it as a canary.
 
     python examples/retrain_loop/train.py --url localhost:8001 --model iris --shift 1.5 --canary 10
+    python examples/retrain_loop/train.py --shift 1.5 --save /tmp/run-2   # files for the CLI
 
 "Fresh data" is sklearn's bundled iris data, resampled with jitter and shifted by ``--shift``
 (petal measurements grow, the labels stay): the world the deployed model has drifted away
@@ -60,6 +61,17 @@ def train(x: np.ndarray, y: np.ndarray, path: Path) -> float:
     return accuracy
 
 
+def save(directory: Path, shift: float, seed: int, samples: int) -> None:
+    """Train and keep the files (model.onnx, train.npy) for `gateway publish` by hand."""
+    directory.mkdir(parents=True, exist_ok=True)
+    x, y = fresh_data(samples, shift, seed)
+    accuracy = train(x, y, directory / "model.onnx")
+    np.save(directory / "train.npy", x)
+    print(f"holdout accuracy {accuracy:.3f}; wrote {directory / 'model.onnx'} and "
+          f"{directory / 'train.npy'} (data fingerprint "
+          f"{hashlib.sha256(x.tobytes()).hexdigest()[:16]})")
+
+
 def run(model: str, shift: float, seed: int, samples: int, url: str | None,
         repository: str | None, canary: float | None, canary_interval: float | None,
         reason: str = "manual"):
@@ -94,6 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=600)
     parser.add_argument("--canary", type=float, help="start a rollout at this percent")
     parser.add_argument("--canary-interval", type=float, help="seconds per canary step")
+    parser.add_argument("--save", type=Path, metavar="DIR",
+                        help="only train: write DIR/model.onnx and DIR/train.npy")
     parser.add_argument("--hook", action="store_true",
                         help="called by the gateway's drift hook: read its payload on stdin")
     args = parser.parse_args(argv)
@@ -104,6 +118,11 @@ def main(argv=None) -> int:
         reason = f"drift alert on version {payload.get('version', '?')}"
         print(f"drift hook: {json.dumps(payload, sort_keys=True)[:300]}")
     seed = args.seed if args.seed is not None else int(time.time())
+    if args.save is not None:
+        save(args.save, args.shift, seed, args.samples)
+        return 0
+    if not args.url and not args.repository:
+        parser.error("give --url (a running gateway), --repository, or --save")
     run(args.model, args.shift, seed, args.samples, args.url, args.repository, args.canary,
         args.canary_interval, reason)
     return 0

@@ -116,24 +116,55 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
             reason=rollout.reason, canary=window(spec.to_version),
             baseline=window(spec.from_version), owner=rollout.owner,
             max_error_rate=spec.max_error_rate, max_latency_ratio=spec.max_latency_ratio,
-            min_requests=spec.min_requests,
+            min_requests=spec.min_requests, min_accuracy_ratio=spec.min_accuracy_ratio,
+            min_labels=spec.min_labels, feedback=self._rollout_feedback(spec),
             history=[apb.RolloutEvent(time=h["time"], event=h["event"], detail=h["detail"],
                                       percent=h["percent"], who=str(h["who"]))
                      for h in rollout.history])
 
-    @handles_errors
-    async def StartRollout(self, request, context):
-        model = check_model_name(request.model)
-        defaults = RolloutSpec(model, request.to_version, request.from_version)
+    def _rollout_feedback(self, spec: RolloutSpec) -> list:
+        if self.feedback is None or spec.model not in self.feedback.models:
+            return []
+        rows = []
+        for version in (spec.to_version, spec.from_version):
+            quality = self.feedback.quality(spec.model, version)
+            if quality is not None:
+                kind, labelled, score = quality
+                row = apb.VersionFeedback(version=version, labelled=labelled)
+                if kind == "regression":
+                    row.mean_absolute_error = score
+                else:
+                    row.accuracy = score
+                rows.append(row)
+        return rows
+
+    def _rollout_spec(self, model: str, request, to_version: str,
+                      default_steps: tuple = ()) -> RolloutSpec:
+        """A RolloutSpec from a StartRolloutRequest, the defaults where it leaves zeros."""
+        defaults = RolloutSpec(model, to_version, request.from_version)
         spec = RolloutSpec(
-            model, request.to_version, request.from_version,
-            steps=tuple(request.steps) or defaults.steps,
+            model, to_version, request.from_version,
+            steps=tuple(request.steps) or default_steps or defaults.steps,
             interval_s=request.interval_seconds or defaults.interval_s,
             max_error_rate=(request.max_error_rate if request.HasField("max_error_rate")
                             else defaults.max_error_rate),
             max_latency_ratio=request.max_latency_ratio or defaults.max_latency_ratio,
             min_requests=(max(0, request.min_requests) if request.min_requests
-                          else defaults.min_requests))
+                          else defaults.min_requests),
+            min_accuracy_ratio=request.min_accuracy_ratio,
+            min_labels=(max(0, request.min_labels) if request.min_labels
+                        else defaults.min_labels))
+        if spec.min_accuracy_ratio and (self.feedback is None
+                                        or model not in self.feedback.models):
+            raise FailedPrecondition(
+                f"--min-accuracy-ratio needs ground-truth feedback, but model '{model}' keeps "
+                "no predictions: add 'feedback: {}' to its gateway.yaml")
+        return spec
+
+    @handles_errors
+    async def StartRollout(self, request, context):
+        model = check_model_name(request.model)
+        spec = self._rollout_spec(model, request, request.to_version)
         return self._rollout_status(self.rollouts.start(spec, caller(context)))
 
     @handles_errors
@@ -197,11 +228,16 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
                 raise InvalidArgument("metadata_json is not JSON") from None
             if not isinstance(metadata, dict):
                 raise InvalidArgument("metadata_json must be a JSON object")
+            canary = None
+            if header.canary_percent:
+                from gateway.registry import canary_steps
+
+                canary = self._rollout_spec(header.model, header.canary, "",
+                                            canary_steps(header.canary_percent))
+                canary.validate_limits()
             published, state, detail, rollout = await self.registry.publish(
                 header.model, upload, metadata=metadata, baseline_npz=header.baseline_npz,
-                allow_signature_change=header.allow_signature_change,
-                canary_percent=header.canary_percent,
-                canary_interval_s=header.canary_interval_seconds,
+                allow_signature_change=header.allow_signature_change, canary=canary,
                 source=Path(header.source).name if header.source else "",
                 sha256=header.sha256, who=caller(context))
         result = apb.PublishResult(model=published.model, version=str(published.version),

@@ -138,3 +138,21 @@ def test_models_without_feedback_say_how_to_turn_it_on(gateway):
     assert code == 1 and "NOT_FOUND: unknown model 'nope'" in err
     code, _, err = gateway_cli("feedback", "iris", "--label", "1", "--url", gateway.url)
     assert code == 2 and "--label needs --id" in err
+
+
+def test_rollouts_can_require_feedback_accuracy(gateway):
+    """Runs after the classification test: both iris versions have labelled predictions."""
+    code, out, err = gateway_cli("rollout", "start", "iris", "--to", "2", "--from", "1",
+                                 "--interval", "1h", "--min-accuracy-ratio", "0.95",
+                                 "--min-labels", "10", "--url", gateway.url)
+    assert code == 0, err
+    assert "accuracy >= 0.95x baseline (after 10 labels each)" in out
+    assert "canary    " in out and "baseline  " in out
+    lines = [line for line in out.splitlines() if "labelled predictions, accuracy" in line]
+    assert len(lines) == 2, out
+    code, out, _ = gateway_cli("rollout", "abort", "iris", "--url", gateway.url)
+    assert code == 0 and "is aborted" in out
+    code, _, err = gateway_cli("rollout", "start", "plain", "--to", "1", "--min-accuracy-ratio",
+                               "0.9", "--url", gateway.url)
+    assert code == 1
+    assert "FAILED_PRECONDITION: --min-accuracy-ratio needs ground-truth feedback" in err

@@ -213,7 +213,13 @@ def test_publish_through_the_gateway_loads_it_in_explicit_mode(explicit, files):
 
 
 def test_a_canary_starts_right_after_the_version_is_ready(explicit, files):
+    before = tree(explicit.repo)
+    code, _, err = gateway_cli("publish", "canary", files["v2"], "--url", explicit.url,
+                               "--canary", "100")
+    assert code == 1 and "the canary share must be above 0 and below 100 percent" in err
+    assert tree(explicit.repo) == before
     result = publish("canary", files["v2"], url=explicit.url, canary=10, canary_interval=3600,
+                     canary_options={"max_latency_ratio": 7, "min_requests": 5},
                      metadata={"run_id": "canary-run"},
                      baseline=np.zeros((10, LAYERS[0]), np.float32))
     assert (result.version, result.state) == (2, "READY")
@@ -221,8 +227,15 @@ def test_a_canary_starts_right_after_the_version_is_ready(explicit, files):
     assert (result.rollout.state, result.rollout.percent) == ("running", 10.0)
     assert list(result.rollout.steps) == [10.0, 25.0, 50.0, 100.0]
     assert (result.rollout.to_version, result.rollout.from_version) == ("2", "1")
+    assert (result.rollout.max_latency_ratio, result.rollout.min_requests) == (7.0, 5)
+    assert result.rollout.interval_seconds == 3600
     code, out, _ = gateway_cli("traffic", "show", "canary", "--url", explicit.url)
     assert code == 0 and "effective:  1=90% 2=10%" in out
+    before = tree(explicit.repo)
+    code, _, err = gateway_cli("publish", "canary", files["v3"], "--url", explicit.url,
+                               "--canary", "5")
+    assert code == 1 and "already has a running rollout to version 2" in err
+    assert tree(explicit.repo) == before
     code, out, _ = gateway_cli("rollout", "abort", "canary", "--url", explicit.url)
     assert code == 0 and "is aborted" in out
     meta = json.loads((explicit.repo / "canary" / "2" / "metadata.json").read_text())

@@ -70,7 +70,8 @@ def test_drift_retrains_publishes_a_canary_and_feedback_shows_it_is_better(loop)
     wait_for(lambda: "rollout to version 2" in gateway_cli("rollout", "status", "iris",
                                                            "--url", loop.url)[1],
              timeout=120, interval=0.5, what="the drift hook to publish a canary")
-    assert "drift hook of model 'iris' called (command exited with 0)" in loop.log()
+    wait_for(lambda: "drift hook of model 'iris' called (command exited with 0)" in loop.log(),
+             what="the hook to finish")
     code, versions, _ = gateway_cli("versions", "iris", "--url", loop.url)
     assert "reason=drift alert on version 1" in versions
     # More traffic: 10% reaches the canary; labels show the retrained model fits the new data.

@@ -115,7 +115,7 @@ class TrafficHistoryResponse(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
-    __slots__ = ("model", "to_version", "from_version", "steps", "interval_seconds", "max_error_rate", "max_latency_ratio", "min_requests")
+    __slots__ = ("model", "to_version", "from_version", "steps", "interval_seconds", "max_error_rate", "max_latency_ratio", "min_requests", "min_accuracy_ratio", "min_labels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TO_VERSION_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,8 @@ class StartRolloutRequest(_message.Message):
     MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
     MAX_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
     MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_ACCURACY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     to_version: str
     from_version: str
@@ -132,7 +134,9 @@ class StartRolloutRequest(_message.Message):
     max_error_rate: float
     max_latency_ratio: float
     min_requests: int
-    def __init__(self, model: _Optional[str] = ..., to_version: _Optional[str] = ..., from_version: _Optional[str] = ..., steps: _Optional[_Iterable[float]] = ..., interval_seconds: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
+    min_accuracy_ratio: float
+    min_labels: int
+    def __init__(self, model: _Optional[str] = ..., to_version: _Optional[str] = ..., from_version: _Optional[str] = ..., steps: _Optional[_Iterable[float]] = ..., interval_seconds: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ..., min_accuracy_ratio: _Optional[float] = ..., min_labels: _Optional[int] = ...) -> None: ...
 
 class RolloutRequest(_message.Message):
     __slots__ = ("model",)
@@ -165,7 +169,7 @@ class RolloutEvent(_message.Message):
     def __init__(self, time: _Optional[float] = ..., event: _Optional[str] = ..., detail: _Optional[str] = ..., percent: _Optional[float] = ..., who: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("model", "to_version", "from_version", "state", "step", "percent", "steps", "interval_seconds", "step_remaining_seconds", "reason", "canary", "baseline", "history", "owner", "max_error_rate", "max_latency_ratio", "min_requests")
+    __slots__ = ("model", "to_version", "from_version", "state", "step", "percent", "steps", "interval_seconds", "step_remaining_seconds", "reason", "canary", "baseline", "history", "owner", "max_error_rate", "max_latency_ratio", "min_requests", "min_accuracy_ratio", "min_labels", "feedback")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TO_VERSION_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +187,9 @@ class RolloutStatus(_message.Message):
     MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
     MAX_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
     MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_ACCURACY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     model: str
     to_version: str
     from_version: str
@@ -200,10 +207,13 @@ class RolloutStatus(_message.Message):
     max_error_rate: float
     max_latency_ratio: float
     min_requests: int
-    def __init__(self, model: _Optional[str] = ..., to_version: _Optional[str] = ..., from_version: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., percent: _Optional[float] = ..., steps: _Optional[_Iterable[float]] = ..., interval_seconds: _Optional[float] = ..., step_remaining_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., canary: _Optional[_Union[RolloutWindow, _Mapping]] = ..., baseline: _Optional[_Union[RolloutWindow, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., owner: _Optional[str] = ..., max_error_rate: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
+    min_accuracy_ratio: float
+    min_labels: int
+    feedback: _containers.RepeatedCompositeFieldContainer[VersionFeedback]
+    def __init__(self, model: _Optional[str] = ..., to_version: _Optional[str] = ..., from_version: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., percent: _Optional[float] = ..., steps: _Optional[_Iterable[float]] = ..., interval_seconds: _Optional[float] = ..., step_remaining_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., canary: _Optional[_Union[RolloutWindow, _Mapping]] = ..., baseline: _Optional[_Union[RolloutWindow, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., owner: _Optional[str] = ..., max_error_rate: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ..., min_accuracy_ratio: _Optional[float] = ..., min_labels: _Optional[int] = ..., feedback: _Optional[_Iterable[_Union[VersionFeedback, _Mapping]]] = ...) -> None: ...
 
 class PublishHeader(_message.Message):
-    __slots__ = ("model", "metadata_json", "allow_signature_change", "canary_percent", "baseline_npz", "size", "sha256", "source", "canary_interval_seconds")
+    __slots__ = ("model", "metadata_json", "allow_signature_change", "canary_percent", "baseline_npz", "size", "sha256", "source", "canary")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     ALLOW_SIGNATURE_CHANGE_FIELD_NUMBER: _ClassVar[int]
@@ -212,7 +222,7 @@ class PublishHeader(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
-    CANARY_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
     model: str
     metadata_json: str
     allow_signature_change: bool
@@ -221,8 +231,8 @@ class PublishHeader(_message.Message):
     size: int
     sha256: str
     source: str
-    canary_interval_seconds: float
-    def __init__(self, model: _Optional[str] = ..., metadata_json: _Optional[str] = ..., allow_signature_change: _Optional[bool] = ..., canary_percent: _Optional[float] = ..., baseline_npz: _Optional[bytes] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., source: _Optional[str] = ..., canary_interval_seconds: _Optional[float] = ...) -> None: ...
+    canary: StartRolloutRequest
+    def __init__(self, model: _Optional[str] = ..., metadata_json: _Optional[str] = ..., allow_signature_change: _Optional[bool] = ..., canary_percent: _Optional[float] = ..., baseline_npz: _Optional[bytes] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., source: _Optional[str] = ..., canary: _Optional[_Union[StartRolloutRequest, _Mapping]] = ...) -> None: ...
 
 class PublishChunk(_message.Message):
     __slots__ = ("header", "data")
