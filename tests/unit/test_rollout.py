@@ -5,13 +5,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from test_routing import FakeRepository
 
 from gateway.errors import FailedPrecondition, InvalidArgument
 from gateway.rollout import RolloutController, RolloutSpec, VersionWindows, Window, decide
 from gateway.routing import Router
 from gateway.state import StateStore
 from gateway.traffic import TrafficControl
-from test_routing import FakeRepository
 
 SPEC = RolloutSpec("m", "2", "1", steps=(10.0, 50.0, 100.0), interval_s=30, min_requests=20)
 
