@@ -67,3 +67,42 @@ def measure(model_file: Path, pool: list[dict[str, np.ndarray]], batch_size: int
             "runs": i, "throughput_rps": round(i / elapsed, 2),
             "inferences_per_s": round(i * batch_size / elapsed, 2),
             "latency_ms": latency_figures(np.asarray(times))}
+
+
+def sweep(model_file: Path, batch_sizes: list[int], threads: int = 1, seconds: float = 3.0):
+    """The ceiling at several batch sizes (random inputs shaped from the file's own inputs):
+    which batch size in-process onnxruntime does best at."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in batch_sizes:
+        tensors = {}
+        for arg in session.get_inputs():
+            shape = [size if i == 0 else (d if isinstance(d, int) and d > 0 else 1)
+                     for i, d in enumerate(arg.shape)]
+            tensors[arg.name] = rng.standard_normal(shape).astype(ORT_TYPES.get(arg.type,
+                                                                                np.float32))
+        rows.append(measure(model_file, [tensors], size, threads, seconds))
+    return rows
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="in-process onnxruntime at several batch sizes")
+    parser.add_argument("model_file", type=Path)
+    parser.add_argument("--batch-sizes", default="1,8,16,32,64")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.batch_sizes.split(",") if s]
+    for row in sweep(args.model_file, sizes, args.threads, args.seconds):
+        print(f"batch {row['batch_size']:>4}: {row['inferences_per_s']:>10,.0f} rows/s "
+              f"({row['throughput_rps']:,.0f} runs/s, {args.threads} thread(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
