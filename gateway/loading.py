@@ -54,6 +54,10 @@ def load_version(model_file: Path, model: str, version: int, proto: mc.ModelConf
             if index == 0:
                 complete_config(proto, explicit_batch, runtime.io)
                 config = validate(proto, runtime.io)
+                for name, kind in config.unsupported_outputs.items():
+                    log.warning("model '%s' version %s: output '%s' is a %s, not a tensor; it is "
+                                "left out of metadata and refused if requested", model, version,
+                                name, kind)
             name = f"{model}_{version}_{index}"
             instances.append(Instance(name, runtime, ThreadPoolExecutor(1, thread_name_prefix=name)))
         slowest = max(_warm_up(inst, config) for inst in instances)
