@@ -57,14 +57,13 @@ class DataPlane:
                     f"the server has {self.max_inflight} requests in flight; retry later")
             # Route: an explicit version as asked, otherwise the model's traffic policy.
             served = self.router.route(request.model, request.version, request.routing_key)
-            counted = served.model
-            model_inflight = self._per_model.get(counted, 0)
+            model_inflight = self._per_model.get(served.model, 0)
             if model_inflight >= self.max_inflight_per_model:
-                counted = None
                 raise ResourceExhausted(f"model '{served.model}' has "
                                         f"{self.max_inflight_per_model} requests in flight; "
                                         "retry later")
             self._per_model[served.model] = model_inflight + 1
+            counted = served.model
             # Validate against the served version's config, before anything reaches the model.
             config = served.config
             arrays, size, shape_key = prepare_inputs(config, request.inputs)
