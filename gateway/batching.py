@@ -238,7 +238,8 @@ class Batcher:
                         continue
                     if key is None:
                         key = item.key
-                    if item.key != key or (size + item.size > limit and not (starting and not batch)):
+                    first = starting and not batch  # a new batch always takes its first
+                    if item.key != key or (size + item.size > limit and not first):
                         return batch, size
                     queue.popleft()
                     self._pending -= 1

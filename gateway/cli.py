@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     setter.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT",
                         help="percents summing to 100 (or fractions summing to 1)")
     shadow = actions.add_parser("shadow", parents=[common],
-                                help="mirror a share of requests to a version, off the response path")
+                                help="mirror a share of requests to a version, off the "
+                                     "response path")
     shadow.add_argument("model")
     shadow.add_argument("--to", required=True, metavar="VERSION")
     shadow.add_argument("--percent", type=float, required=True)

@@ -144,7 +144,8 @@ class DataPlane:
         return True
 
 
-def prepare_inputs(config: ModelConfig, tensors: list[Tensor]) -> tuple[list[np.ndarray], int, tuple]:
+def prepare_inputs(config: ModelConfig,
+                   tensors: list[Tensor]) -> tuple[list[np.ndarray], int, tuple]:
     """Check inputs against the config; return arrays in model order, batch size, shape key."""
     specs = config.inputs
     if len(tensors) != len(specs):

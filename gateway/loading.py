@@ -59,7 +59,8 @@ def load_version(model_file: Path, model: str, version: int, proto: mc.ModelConf
                                 "left out of metadata and refused if requested", model, version,
                                 name, kind)
             name = f"{model}_{version}_{index}"
-            instances.append(Instance(name, runtime, ThreadPoolExecutor(1, thread_name_prefix=name)))
+            executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+            instances.append(Instance(name, runtime, executor))
         slowest = max(_warm_up(inst, config) for inst in instances)
         inline = _runs_inline(config, groups, slowest, _has_control_flow(model_file))
     except BaseException:
@@ -101,7 +102,8 @@ def _has_control_flow(model_file: Path) -> bool:
 def _device_plan(proto: mc.ModelConfig) -> list[tuple[str, int]]:
     """(device, device id) for every instance the config's instance_group asks for."""
     plan: list[tuple[str, int]] = []
-    groups = list(proto.instance_group) or [mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU)]
+    groups = (list(proto.instance_group)
+              or [mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU)])
     for g in groups:
         count = g.count or 1
         kind = mc.ModelInstanceGroup.Kind.Name(g.kind)

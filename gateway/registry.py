@@ -323,7 +323,9 @@ def _remove_stale_staging(directory: Path) -> None:
     now = time.time()
     with contextlib.suppress(OSError):
         for path in directory.iterdir():
-            if path.name.startswith(STAGING_PREFIX) and now - path.stat().st_mtime > STALE_STAGING_S:
+            if not path.name.startswith(STAGING_PREFIX):
+                continue
+            if now - path.stat().st_mtime > STALE_STAGING_S:
                 shutil.rmtree(path, ignore_errors=True)
 
 

@@ -55,7 +55,8 @@ class ServingVersion:
 @dataclass(slots=True)
 class ModelEntry:
     name: str
-    serving: dict[str, ServingVersion] = field(default_factory=dict)  # replaced whole, never mutated
+    # Replaced whole, never mutated: readers on the request path see a consistent snapshot.
+    serving: dict[str, ServingVersion] = field(default_factory=dict)
     latest: ServingVersion | None = None
     config: ModelConfig | None = None
     reasons: dict[str, str] = field(default_factory=dict)  # version ("" = model) -> why unavailable
@@ -122,23 +123,25 @@ class Repository:
             raise NotFound(f"model '{name}' is not in the repository")
         proto, explicit_batch = read_config_file(model_dir, name)
         filename = proto.default_model_filename or "model.onnx"
-        cfg_sig = _stat(model_dir / "config.pbtxt")
+        cfg_sig = file_signature(model_dir / "config.pbtxt")
         versions = {}
         for child in model_dir.iterdir():
             if child.is_dir() and child.name.isdigit() and int(child.name) > 0:
                 model_file = child / filename
                 if model_file.is_file():
-                    versions[int(child.name)] = (model_file, (cfg_sig, _stat(model_file)))
+                    signature = (cfg_sig, file_signature(model_file))
+                    versions[int(child.name)] = (model_file, signature)
         return proto, explicit_batch, versions
 
     def disk_signature(self, name: str) -> tuple:
         """Cheap fingerprint of a model directory, for poll mode's change detection."""
         model_dir = self.root / name
-        parts = [_stat(model_dir / "config.pbtxt")]
+        parts = [file_signature(model_dir / "config.pbtxt")]
         try:
             for child in sorted(model_dir.iterdir()):
                 if child.is_dir() and child.name.isdigit():
-                    parts.append((child.name, tuple(_stat(f) for f in sorted(child.iterdir()))))
+                    files = tuple(file_signature(f) for f in sorted(child.iterdir()))
+                    parts.append((child.name, files))
         except OSError:
             pass
         return tuple(parts)
@@ -171,7 +174,8 @@ class Repository:
             entry.reasons = {"": reason}  # what is loaded keeps serving; the index shows why
             return
         if not wanted:
-            entry.reasons = {"": "no version directory with a model file matches the version policy"}
+            entry.reasons = {"": "no version directory with a model file matches the version "
+                                 "policy"}
             if not entry.serving:
                 log.error("model '%s': %s", name, entry.reasons[""])
             return
@@ -312,7 +316,8 @@ def execution_timeout(config: ModelConfig, default_s: float) -> float:
         return default_s
 
 
-def _stat(path: Path):
+def file_signature(path: Path):
+    """(mtime, size) of a file, None if absent: enough to notice it was replaced."""
     try:
         st = path.stat()
     except OSError:

@@ -238,7 +238,8 @@ class RolloutController:
         current = self.rollouts.get(spec.model)
         if current is not None and current.state in ACTIVE:
             raise FailedPrecondition(f"model '{spec.model}' already has a {current.state} "
-                                     f"rollout to version {current.spec.to_version}; abort it first")
+                                     f"rollout to version {current.spec.to_version}; "
+                                     "abort it first")
         if not spec.from_version:
             spec = replace(spec, from_version=self._baseline_of(spec.model, spec.to_version))
             spec.validate()

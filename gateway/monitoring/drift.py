@@ -40,6 +40,7 @@ from gateway.monitoring.stats import (
     read_baseline,
     write_baseline,  # noqa: F401  (the publish tool's entry point, also here)
 )
+from gateway.repository import file_signature
 
 log = logging.getLogger(__name__)
 BASELINE_FILE = "baseline.npz"
@@ -295,16 +296,8 @@ def create_monitor(served, model_dir: Path, s, interval: float) -> DriftMonitor 
 
 
 def files_signature(model_dir: Path, version: str) -> tuple:
-    return (_stat(model_dir / model_settings.FILENAME),
-            _stat(model_dir / version / BASELINE_FILE))
-
-
-def _stat(path: Path):
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size)
+    return (file_signature(model_dir / model_settings.FILENAME),
+            file_signature(model_dir / version / BASELINE_FILE))
 
 
 class DriftEngine:

@@ -208,7 +208,8 @@ class GatewayCollector:
         inflight.add_metric([], self.dataplane.inflight)
         yield inflight
         failures = CounterMetricFamily("gateway_model_load_failures",
-                                       "Failed loads of a model version", labels=["model", "version"])
+                                       "Failed loads of a model version",
+                                       labels=["model", "version"])
         for (model, version), count in sorted(m.load_failures.copy().items()):
             failures.add_metric([model, version], count)
         yield failures
