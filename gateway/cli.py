@@ -36,7 +36,8 @@ def _serve(args) -> int:
         "poll_interval": args.poll_interval,
         "drain_seconds": args.drain_seconds,
         "max_message_bytes": args.max_message_bytes,
-        "cpu_threads_per_instance": args.cpu_threads,
+        "cpu_threads": args.cpu_threads,
+        "workers": args.workers,
         "log_level": args.log_level,
         "state_dir": args.state_dir,
         "auth_tokens": args.auth_tokens,
@@ -54,7 +55,7 @@ def _serve(args) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    workers = args.workers or 1
+    workers = settings.workers
     if workers > 1:
         if settings.grpc_port == 0:
             print("gateway serve: --workers needs a fixed --grpc-port (they share it)",

@@ -25,7 +25,7 @@ class Settings:
     state_poll_interval: float = 1.0  # seconds between checks of the shared traffic state file
     max_message_bytes: int = 64 * 1024 * 1024
     drain_seconds: float = 30.0  # grace for in-flight requests on SIGTERM
-    cpu_threads_per_instance: int = 1  # ORT intra-op threads of each CPU model instance
+    cpu_threads: int = 1  # ORT intra-op threads of each CPU model instance
     log_level: str = "INFO"
     state_dir: Path | None = None  # operator state; default <repository>/.gateway
     auth_tokens: Path | None = None  # "ROLE TOKEN [NAME]" lines; None = no authentication
@@ -37,6 +37,7 @@ class Settings:
     max_inflight_per_model: int = 2048  # the same, per model
     reuse_port: bool = False  # set for --workers: several processes share the gRPC port
     worker_index: int = 0
+    workers: int = 1  # processes sharing the gRPC port (--workers)
 
     def state_directory(self) -> Path:
         if self.state_dir is not None:
@@ -50,6 +51,8 @@ class Settings:
             raise ValueError(f"control mode must be one of {', '.join(CONTROL_MODES)}")
         if not self.model_repository.is_dir():
             raise ValueError(f"model repository {self.model_repository} is not a directory")
+        if self.workers < 1 or self.cpu_threads < 1:
+            raise ValueError("workers and CPU threads must be at least 1")
         if self.poll_interval <= 0 or self.drain_seconds < 0:
             raise ValueError("poll interval must be positive and drain seconds not negative")
         if self.gpu_sample_interval < 0 or self.drift_interval <= 0:

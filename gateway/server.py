@@ -39,7 +39,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class GatewayServer:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.repository = Repository(settings.model_repository, settings.cpu_threads_per_instance,
+        self.repository = Repository(settings.model_repository, settings.cpu_threads,
                                      settings.control_mode)
         self.repository.execution_timeout_s = settings.execution_timeout
         self.router = Router(self.repository)
