@@ -70,9 +70,12 @@ class DataPlane:
             wanted = requested_outputs(config, request.outputs)
             if self.router.policies and not request.version:
                 self._maybe_mirror(request, served)
-            # Batch and execute: the batcher queues, merges and runs on a free instance.
-            outputs = await served.batcher.submit(arrays, size, shape_key, request.priority,
-                                                  request.timeout_us, request.deadline_ns)
+            # Batch and execute: the batcher queues, merges and runs on a free instance (a small
+            # model with nothing queued runs at once).
+            outputs = await served.batcher.run_now(arrays, size)
+            if outputs is None:
+                outputs = await served.batcher.submit(arrays, size, shape_key, request.priority,
+                                                      request.timeout_us, request.deadline_ns)
             if request.id and self.feedback:  # keep the prediction for a later label
                 keep = self.feedback.get(served.model)
                 if keep is not None:

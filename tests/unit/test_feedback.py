@@ -214,6 +214,9 @@ def test_the_collector_exports_per_version_scores(tmp_path):
 # ---- the data plane hook ------------------------------------------------------------------------
 
 class Batcher:
+    async def run_now(self, arrays, size):
+        return None
+
     async def submit(self, arrays, size, key, *args):
         x = arrays[0]
         return [x.argmax(axis=1).astype(np.int64), x]

@@ -72,3 +72,24 @@ async def test_an_inline_batcher_runs_on_the_event_loop_thread(tmp_path):
     assert y.shape == (2, 4)
     assert ran_on == [threading.get_ident()]
     await batcher.close()
+
+
+async def test_run_now_skips_the_queue_only_when_nothing_waits(tmp_path):
+    from gateway.batching import Batcher
+    from gateway.statistics import ModelStats
+
+    loaded = load(tmp_path, models.build_mlp)
+    stats = ModelStats()
+    batcher = Batcher("m", "1", 8, loaded.config.batching, loaded.instances, ["input"],
+                      ["output"], stats, inline=True)
+    batcher.start()
+    x = np.ones((1, 32), np.float32)
+    (y,) = await batcher.run_now([x], 1)
+    assert y.shape == (1, 4) and stats.execution_count == 1
+    queued = batcher.submit([x], 1, ((32,),))
+    assert await batcher.run_now([x], 1) is None  # someone is waiting: keep the order
+    await asyncio.wait_for(queued, 10)
+    threaded = Batcher("m", "1", 8, loaded.config.batching, loaded.instances, ["input"],
+                       ["output"], ModelStats(), inline=False)
+    assert await threaded.run_now([x], 1) is None
+    await batcher.close()
