@@ -189,7 +189,7 @@ def prepare_inputs(config: ModelConfig,
                 f"input '{t.name}' has shape {list(shape)}; the model expects {expected}")
         data = t.data
         if spec.datatype == "BYTES":
-            check_text(t.name, data)
+            data = as_text(t.name, data)
         if spec.reshape is not None:
             data = data.reshape(((size,) if batching else ()) + spec.reshape)
         arrays[index] = data
@@ -197,17 +197,22 @@ def prepare_inputs(config: ModelConfig,
     return arrays, size or 1, key
 
 
-def check_text(name: str, data: np.ndarray) -> None:
-    """ONNX string tensors hold UTF-8 text. Other bytes are the caller's error, caught here
-    before the request can share a batch, and so its failure, with other callers' requests."""
-    for i, value in enumerate(data.reshape(-1)):
+def as_text(name: str, data: np.ndarray) -> np.ndarray:
+    """BYTES elements decoded to str, once: ONNX string tensors hold UTF-8 text. Other bytes
+    are the caller's error, caught here before the request can share a batch (and so its
+    failure) with other callers' requests."""
+    flat = data.reshape(-1)
+    out = np.empty(flat.shape[0], dtype=object)
+    for i, value in enumerate(flat):
         if isinstance(value, bytes):
             try:
-                value.decode("utf-8")
+                value = value.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise InvalidArgument(
                     f"input '{name}': BYTES element {i} is not valid UTF-8 (at byte {exc.start}); "
                     "ONNX string tensors hold text") from None
+        out[i] = value
+    return out.reshape(data.shape)
 
 
 def requested_outputs(config: ModelConfig, names: list[str]) -> list[int]:

@@ -124,6 +124,8 @@ class OrtRuntime:
 
 
 def _to_str(array: np.ndarray) -> np.ndarray:
+    if not any(isinstance(v, bytes) for v in array.reshape(-1)):
+        return array  # already text (the data plane decodes once, when it validates)
     flat = [v.decode("utf-8") if isinstance(v, bytes) else v for v in array.reshape(-1)]
     out = np.empty(len(flat), dtype=object)
     out[:] = flat
