@@ -95,16 +95,21 @@ def successes(port: int, model: str) -> int:
     return sum(s.inference_stats.success.count for s in stats.model_stats)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_load_arguments(parser: argparse.ArgumentParser, seconds: float) -> None:
+    """The h2load plan shared by this comparison and ``bench.monitoring_cost``."""
     parser.add_argument("--model", choices=sorted(SIZES), default="tiny_mlp")
     parser.add_argument("--batch", type=int, default=1, help="rows per request")
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--connections", type=int, default=1)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=seconds)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each configuration")
     parser.add_argument("--instances", type=int, default=1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_load_arguments(parser, seconds=10)
     parser.add_argument("--gateway-arg", action="append", default=[],
                         help="extra argument for gateway serve (repeatable)")
     parser.add_argument("--json", type=Path, help="write the figures here")

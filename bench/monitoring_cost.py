@@ -22,7 +22,13 @@ import urllib.request
 from pathlib import Path
 
 from bench import h2load
-from bench.compare import SIZES, build_repository, cpu_seconds, request_bytes, successes
+from bench.compare import (
+    add_load_arguments,
+    build_repository,
+    cpu_seconds,
+    request_bytes,
+    successes,
+)
 from bench.peers import start, stop
 
 READY = r"gateway ready: grpc \S+:(\d+)"
@@ -38,13 +44,7 @@ def scrape_loop(port: int, interval: float, done: threading.Event, counts: list)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(SIZES), default="tiny_mlp")
-    parser.add_argument("--batch", type=int, default=1, help="rows per request")
-    parser.add_argument("--streams", type=int, default=64)
-    parser.add_argument("--connections", type=int, default=1)
-    parser.add_argument("--seconds", type=float, default=8)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of each configuration")
-    parser.add_argument("--instances", type=int, default=1)
+    add_load_arguments(parser, seconds=8)
     parser.add_argument("--scrape-interval", type=float, default=5.0,
                         help="seconds between scrapes of /metrics while monitoring is on")
     parser.add_argument("--gateway-arg", action="append", default=[],
