@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +25,11 @@ from gateway.config import CONTROL_MODES, from_environment
 
 
 def _serve(args) -> int:
-    settings = from_environment()
+    try:
+        settings = from_environment()
+    except ValueError as exc:
+        print(f"gateway serve: {exc}", file=sys.stderr)
+        return 2
     changes = {k: v for k, v in {
         "model_repository": args.model_repository,
         "host": args.host,
@@ -55,6 +61,10 @@ def _serve(args) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A SIGHUP before the server installs its handler (it logs, or re-reads --auth-tokens)
+    # must not stop it either.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _warn_if_empty(settings)
     workers = settings.workers
     if workers > 1:
         if settings.grpc_port == 0:
@@ -65,6 +75,25 @@ def _serve(args) -> int:
 
         return run_workers(settings, workers, _run_one)
     return _run_one(settings)
+
+
+def _warn_if_empty(settings) -> None:
+    """An empty repository serves nothing but reports ready: say so where operators look."""
+    if settings.control_mode == "explicit":
+        return  # models arrive by RepositoryModelLoad
+    try:
+        models = [p for p in settings.model_repository.iterdir()
+                  if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return
+    if not models:
+        later = (f"; models added later load within {settings.poll_interval:g}s"
+                 if settings.control_mode == "poll" else
+                 "; add model directories (<model>/config.pbtxt, <model>/1/model.onnx) and "
+                 "restart, or serve with --control-mode poll")
+        logging.getLogger("gateway").warning(
+            "model repository %s holds no model directories: the server will be ready with "
+            "nothing to serve%s", settings.model_repository, later)
 
 
 def _run_one(settings) -> int:
@@ -127,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--token", help="bearer token (default: $GATEWAY_TOKEN)")
     common.add_argument("--tls-ca", type=Path, metavar="PEM",
                         help="connect over TLS, trusting this CA")
+    common.add_argument("--tls-cert", type=Path, metavar="PEM",
+                        help="client certificate chain, for a server that requires one "
+                             "(with --tls-key)")
+    common.add_argument("--tls-key", type=Path, metavar="PEM",
+                        help="the client certificate's private key")
 
     models = sub.add_parser("models", parents=[common],
                             help="list models, versions and their state")
@@ -141,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     setter.add_argument("model")
     setter.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT",
                         help="percents summing to 100 (or fractions summing to 1)")
+    setter.add_argument("--force", action="store_true",
+                        help="the model has a rollout: abort it and set this split")
     shadow = actions.add_parser("shadow", parents=[common],
                                 help="mirror a share of requests to a version, off the "
                                      "response path")
@@ -152,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     clear = actions.add_parser("clear", parents=[common],
                                help="remove split and shadow: the newest version serves")
     clear.add_argument("model")
+    clear.add_argument("--force", action="store_true",
+                       help="the model has a rollout: abort it and clear the split")
     history = actions.add_parser("history", parents=[common], help="audit log of changes")
     history.add_argument("model", nargs="?", default="")
     history.add_argument("--limit", type=int, default=50)
@@ -171,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--max-latency-ratio", type=float,
                        help="canary p99 / baseline p99, default 1.5")
     start.add_argument("--min-requests", type=int,
-                       help="canary requests needed to judge a step, default 100")
+                       help="canary requests (all replicas) needed to judge a step, default "
+                            "100; 0: judge on time alone")
     start.add_argument("--min-accuracy-ratio", type=float, metavar="R",
                        help="also roll back when the canary's feedback accuracy is below R x "
                             "the baseline's (needs feedback on; default off)")
@@ -254,10 +293,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.func is _bench:  # everything after `bench` belongs to the bench suite
-        return _bench(args, rest)
+        return _run(lambda: _bench(args, rest), "bench")
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return args.func(args)
+    verb = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    return _run(lambda: args.func(args), verb)
+
+
+def _run(command, verb: str) -> int:
+    """Run a command; errors any command can meet become one line on stderr, not a traceback."""
+    try:
+        return command()
+    except BrokenPipeError:
+        # The reader went away (`gateway rollout status M | head -3`): stop quietly, as other
+        # command-line tools do; point stdout at /dev/null so the exit flush cannot fail too.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        print(f"gateway {verb}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except OSError as exc:  # a file named on the command line: missing, a directory, unreadable
+        if exc.filename is None:
+            raise
+        print(f"gateway {verb}: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

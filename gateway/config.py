@@ -9,6 +9,7 @@ from pathlib import Path
 
 DEMO_REPOSITORY = Path(__file__).parent / "demo_repository"
 CONTROL_MODES = ("none", "poll", "explicit")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,17 +48,37 @@ class Settings:
         return self.model_repository / ".gateway"
 
     def validated(self) -> Settings:
+        """This, if it can serve; else ValueError with a one-line message for the operator."""
         if self.control_mode not in CONTROL_MODES:
             raise ValueError(f"control mode must be one of {', '.join(CONTROL_MODES)}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log level {self.log_level!r} is not one of "
+                             f"{', '.join(LOG_LEVELS)}")
         if not self.model_repository.is_dir():
             raise ValueError(f"model repository {self.model_repository} is not a directory")
+        model_dir = _model_directory_evidence(self.model_repository)
+        if model_dir:
+            raise ValueError(
+                f"model repository {self.model_repository} looks like a model directory "
+                f"({model_dir}), not a repository of models: give its parent, "
+                f"--model-repository {self.model_repository.resolve().parent}")
+        if not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"gRPC port {self.grpc_port} is not 0-65535")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port {self.metrics_port} is not -1 (off) or 0-65535")
         if self.workers < 1 or self.cpu_threads < 1:
             raise ValueError("workers and CPU threads must be at least 1")
+        if self.max_inflight < 1 or self.max_inflight_per_model < 1:
+            raise ValueError("max in-flight limits must be at least 1")
+        if self.max_message_bytes < 1:
+            raise ValueError("max message bytes must be at least 1")
         if self.poll_interval <= 0 or self.drain_seconds < 0:
             raise ValueError("poll interval must be positive and drain seconds not negative")
         if self.gpu_sample_interval < 0 or self.drift_interval <= 0:
             raise ValueError("GPU sample interval must not be negative and drift interval must "
                              "be positive")
+        if self.execution_timeout < 0:
+            raise ValueError("execution timeout must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -65,14 +86,37 @@ class Settings:
         for path in (self.auth_tokens, self.tls_cert, self.tls_key, self.tls_client_ca):
             if path is not None and not path.is_file():
                 raise ValueError(f"{path} is not a readable file")
+        if self.tls_cert is not None:
+            from gateway.tls import check_server_files
+
+            check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         if self.auth_tokens is not None:
             from gateway.auth import parse_tokens
 
             try:
                 parse_tokens(self.auth_tokens.read_text())
-            except ValueError as exc:
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
                 raise ValueError(f"{self.auth_tokens}: {exc}") from None
         return self
+
+
+def _model_directory_evidence(root: Path) -> str:
+    """Why ``root`` looks like one model's directory rather than a repository ('' if not).
+
+    A repository holds model directories; a model directory holds config.pbtxt and numeric
+    version directories with the model file in them. Served as a repository, its versions
+    would become "models" named 1, 2, ...
+    """
+    if (root / "config.pbtxt").is_file():
+        return "it holds config.pbtxt"
+    try:
+        children = [c for c in root.iterdir() if c.is_dir() and c.name.isdigit()]
+        for child in sorted(children, key=lambda c: int(c.name)):
+            if any(f.is_file() and f.suffix == ".onnx" for f in child.iterdir()):
+                return f"version directory {child.name}/ holds an .onnx file"
+    except OSError:
+        return ""
+    return ""
 
 
 def _convert(kind, text: str):
@@ -80,6 +124,12 @@ def _convert(kind, text: str):
         return int(text)
     if kind in ("float", float):
         return float(text)
+    if kind in ("bool", bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("not a boolean (true/false)")
     if kind in ("Path", Path, "Path | None"):
         return Path(text)
     if kind == "tuple[str, ...]":
@@ -91,7 +141,13 @@ def from_environment(environ=os.environ) -> Settings:
     """Defaults overridden by ``GATEWAY_<FIELD>`` variables (e.g. GATEWAY_GRPC_PORT=9001)."""
     changes = {}
     for f in fields(Settings):
-        value = environ.get("GATEWAY_" + f.name.upper())
+        name = "GATEWAY_" + f.name.upper()
+        value = environ.get(name)
         if value is not None and value != "":
-            changes[f.name] = _convert(f.type, value)
+            try:
+                changes[f.name] = _convert(f.type, value)
+            except ValueError:
+                kind = {"int": "an integer", "float": "a number",
+                        "bool": "true or false"}.get(str(f.type), "valid")
+                raise ValueError(f"{name}={value!r} is not {kind}") from None
     return replace(Settings(), **changes)

@@ -29,6 +29,7 @@ from gateway.repository import Repository
 from gateway.rollout import RolloutController, VersionWindows
 from gateway.routing import Router
 from gateway.state import StateStore
+from gateway.tls import check_server_files
 from gateway.traffic import TrafficControl
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,8 @@ class GatewayServer:
 
 def server_credentials(s: Settings) -> grpc.ServerCredentials:
     """TLS for the gRPC port; with a client CA, clients must present a certificate it signed."""
+    # gRPC reports a bad PEM only as "Failed to bind": check first, naming the file.
+    check_server_files(s.tls_cert, s.tls_key, s.tls_client_ca)  # ValueError
     ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
     return grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
                                        root_certificates=ca, require_client_auth=ca is not None)
@@ -211,11 +214,12 @@ async def serve(settings: Settings) -> int:
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
-    if server.authenticator is not None:
-        loop.add_signal_handler(signal.SIGHUP, server.authenticator.reload)
+    # SIGHUP (a closed terminal, a config reload by habit) never stops the server.
+    loop.add_signal_handler(signal.SIGHUP, server.authenticator.reload if server.authenticator
+                            else lambda: log.info("SIGHUP ignored: no --auth-tokens to re-read"))
     try:
         await server.start()
-    except (RuntimeError, OSError) as exc:  # the port is taken, a certificate is unreadable...
+    except (RuntimeError, OSError, ValueError) as exc:  # the port is taken, a bad certificate...
         log.error("cannot start: %s", exc)
         await server.stop()
         return 1

@@ -5,7 +5,8 @@ workers before any grpc object exists (grpc does not survive a fork), and each w
 same port with SO_REUSEPORT, so the kernel spreads connections over them. Each worker loads its
 own copy of the models and serves metrics on its own port (metrics port + worker index).
 Traffic splits and rollouts stay consistent through the shared state file. SIGTERM/SIGINT to
-the supervisor is passed on to every worker, which drain as one would alone.
+the supervisor is passed on to every worker, which drain as one would alone; so is SIGHUP, which
+re-reads --auth-tokens (or is logged and ignored) and never stops a worker or the supervisor.
 """
 
 from __future__ import annotations
@@ -26,21 +27,6 @@ def run_workers(settings: Settings, count: int, run_one) -> int:
     if "grpc" in sys.modules:
         raise RuntimeError("workers must be forked before grpc is imported")
     children: dict[int, int] = {}
-    for index in range(count):
-        metrics = settings.metrics_port
-        if metrics > 0:
-            metrics += index
-        worker = replace(settings, reuse_port=True, metrics_port=metrics, worker_index=index)
-        pid = os.fork()
-        if pid == 0:  # the worker
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = 1
-            try:
-                code = run_one(worker)
-            finally:
-                os._exit(code)
-        children[pid] = index
 
     def forward(signum, _frame):
         for pid in children:
@@ -49,9 +35,32 @@ def run_workers(settings: Settings, count: int, run_one) -> int:
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward)
+    # Signals wait (blocked) until each side has its handlers: a SIGHUP or SIGTERM during the
+    # forks neither kills a process with the default action nor runs the wrong handler.
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
+    try:
+        for index in range(count):
+            metrics = settings.metrics_port
+            if metrics > 0:
+                metrics += index
+            worker = replace(settings, reuse_port=True, metrics_port=metrics, worker_index=index)
+            pid = os.fork()
+            if pid == 0:  # the worker
+                code = 1
+                try:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
+                    code = run_one(worker)
+                finally:
+                    os._exit(code)
+            children[pid] = index
+        for signum in forwarded:
+            signal.signal(signum, forward)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
     worst = 0
     while children:
         try:

@@ -1,8 +1,9 @@
 """Monitoring: Prometheus metrics, GPU sampling, input statistics and drift, drift hooks.
 
-:class:`Monitoring` wires them to the server's seams and serves ``/metrics`` from its own
-registry (plus the client library's process collector). ``--metrics-port -1`` turns all of it
-off; then none of the observers are installed and the request path pays nothing.
+:class:`Monitoring` wires them to the server's seams and serves ``/metrics`` (that path only:
+monitoring/http.py) from its own registry (plus the client library's process collector).
+``--metrics-port -1`` turns all of it off; then none of the observers are installed and the
+request path pays nothing.
 """
 
 from __future__ import annotations
@@ -52,13 +53,12 @@ class Monitoring:
 
     def start(self, host: str, port: int) -> int:
         """Attach, start the samplers and the HTTP endpoint; return the bound port."""
-        from prometheus_client import start_http_server
+        from gateway.monitoring.http import start_metrics_server
 
+        self._http = start_metrics_server(host, port, self.registry)  # first: it may fail
         self.attach()
         self.gpu.start()
         self.drift.start()
-        self._http, _thread = start_http_server(port, addr=host.strip("[]"),
-                                                registry=self.registry)
         return self._http.server_port
 
     def stop(self) -> None:
