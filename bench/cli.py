@@ -27,6 +27,7 @@ from bench.plan import LoadPoint, Plan, parse_list
 from bench.runner import run_step
 from bench.target import Target
 from bench.workers import BenchError, ClientPool
+from gateway.tls import client_tls
 
 
 def default_clients() -> int:
@@ -45,6 +46,11 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
                    help="bearer token (default: $GATEWAY_TOKEN); also sent to --compare URLs")
     p.add_argument("--tls-ca", type=Path, metavar="PEM",
                    help="connect over TLS trusting this CA (also for --compare URLs)")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM",
+                   help="client certificate chain, for a server that requires one (with "
+                        "--tls-key; also for --compare URLs)")
+    p.add_argument("--tls-key", type=Path, metavar="PEM",
+                   help="the client certificate's private key")
 
     load = p.add_argument_group("load")
     mode = load.add_mutually_exclusive_group()
@@ -162,17 +168,19 @@ def run(args) -> dict:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     if args.limit and args.model_file is None:
         raise SystemExit("--limit needs --model-file (the model's ONNX file)")
+    tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)  # checked in main()
     with ExitStack() as stack:
-        tls_ca = args.tls_ca.read_bytes() if args.tls_ca else None
 
         def open_target(spec: str, label: str | None, taken: set[str]) -> Target:
             name, url = stack.enter_context(peers.resolve(
                 spec, args.model_file, args.model, log, args.model_repository,
                 args.gateway_arg))
             remote = name is None  # a URL: the given credentials; a peer started here: none
+            if remote:
+                probe(url, tls)  # fail fast, and say why, rather than wait in silence
             target = stack.enter_context(_closing(Target(
                 url, "", args.model, args.model_version,
-                args.token if remote else None, tls_ca if remote else None)))
+                args.token if remote else None, tls if remote else None)))
             target.wait_ready()
             target.label = _label(target, label or name, taken)
             return target
@@ -237,6 +245,43 @@ def run(args) -> dict:
         }
 
 
+def probe(url: str, tls, timeout: float = 5.0) -> None:
+    """ConnectionError with the reason (and a likely cause) unless a gRPC server answers at url.
+
+    One ServerLive call without waiting for the channel: a refused connection or a TLS
+    mismatch fails in milliseconds instead of after the 30 s readiness wait. Any answer, even
+    UNIMPLEMENTED or UNAUTHENTICATED, proves a server is there.
+    """
+    import grpc
+
+    from bench.target import normalise_url
+
+    address = normalise_url(url)
+    channel = (grpc.secure_channel(address, tls.credentials()) if tls is not None
+               else grpc.insecure_channel(address))
+    try:
+        channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=timeout)
+    except grpc.RpcError as exc:
+        if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return
+        details = exc.details() or exc.code().name
+        lowered = details.lower()
+        if "refused" in lowered:
+            hint = "is the server running? check --url"
+        elif tls is None and ("socket closed" in lowered or "reset" in lowered):
+            hint = "the server may require TLS: use --tls-ca PEM"
+        elif tls is not None and ("handshake" in lowered or "ssl" in lowered):
+            hint = "the server may not use TLS, or --tls-ca did not sign its certificate"
+        elif tls is not None and tls.certificate_chain is None and "socket closed" in lowered:
+            hint = "the server may require a client certificate: use --tls-cert and --tls-key"
+        else:
+            hint = "check --url and the TLS flags"
+        raise ConnectionError(f"cannot reach a gRPC server at {address}: {details} ({hint})") \
+            from None
+    finally:
+        channel.close()
+
+
 class _closing:
     """Context manager that calls ``close()``, for objects that are not context managers."""
 
@@ -270,6 +315,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         parser.error(str(exc))
     if args.plot and not plot.available():
         print("--plot needs matplotlib: pip install '.[bench]'", file=sys.stderr)
+        return 2
+    try:
+        client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+    except ValueError as exc:  # a TLS file named on the command line: missing, not PEM...
+        print(f"bench: {exc}", file=sys.stderr)
         return 2
     try:
         doc = run(args)

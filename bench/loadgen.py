@@ -170,9 +170,9 @@ class Step:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         order = self.order
-        if order.tls_ca:
-            channel = grpc.aio.secure_channel(
-                order.url, grpc.ssl_channel_credentials(order.tls_ca), options=CHANNEL_OPTIONS)
+        if order.tls is not None:
+            channel = grpc.aio.secure_channel(order.url, order.tls.credentials(),
+                                              options=CHANNEL_OPTIONS)
         else:
             channel = grpc.aio.insecure_channel(order.url, options=CHANNEL_OPTIONS)
         try:

@@ -87,7 +87,7 @@ class ClientOrder:
     routing_keys: tuple[str, ...] = ()
     offset: int = 0  # where this process starts in the request pool and key list
     token: str | None = None  # bearer token for a gateway with auth on
-    tls_ca: bytes | None = None  # PEM: connect over TLS trusting this CA
+    tls: object = None  # gateway.tls.ClientTLS: connect over TLS (CA, client certificate)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 

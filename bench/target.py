@@ -23,14 +23,14 @@ def normalise_url(url: str) -> str:
 
 class Target:
     def __init__(self, url: str, label: str, model: str, version: str = "",
-                 token: str | None = None, tls_ca: bytes | None = None):
+                 token: str | None = None, tls=None):
+        """``tls``: a gateway.tls.ClientTLS (CA, client certificate) or None (plaintext)."""
         self.url, self.label, self.model, self.version = normalise_url(url), label, model, version
-        self.token, self.tls_ca = token, tls_ca
+        self.token, self.tls = token, tls
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         options = [("grpc.max_receive_message_length", -1)]
-        if tls_ca:
-            self._channel = grpc.secure_channel(self.url, grpc.ssl_channel_credentials(tls_ca),
-                                                options)
+        if tls is not None:
+            self._channel = grpc.secure_channel(self.url, tls.credentials(), options)
         else:
             self._channel = grpc.insecure_channel(self.url, options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)

@@ -10,13 +10,56 @@ import sys
 from pathlib import Path
 
 
+def _verb(args) -> str:
+    return " ".join(filter(None, (args.command, getattr(args, "action", None))))
+
+
+def _tls(args):
+    """--tls-ca/--tls-cert/--tls-key as a ClientTLS (None: plaintext); exit 2 if unusable."""
+    from gateway.tls import client_tls
+
+    try:
+        return client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+    except ValueError as exc:
+        print(f"gateway {_verb(args)}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _channel(args):
-    """A channel to the gateway named by --url, with --tls-ca and the token if given."""
+    """A channel to the gateway named by --url, over TLS when --tls-* flags are given."""
     import grpc
 
-    if args.tls_ca:
-        return grpc.secure_channel(args.url, grpc.ssl_channel_credentials(args.tls_ca.read_bytes()))
+    tls = _tls(args)
+    if tls is not None:
+        return grpc.secure_channel(args.url, tls.credentials())
     return grpc.insecure_channel(args.url)
+
+
+def _rpc_failure(args, exc) -> str:
+    """'CODE: details', with a hint where gRPC's own words do not say what is wrong."""
+    details = exc.details() or ""
+    return f"{exc.code().name}: {details}{_hint(args, exc.code().name, details)}"
+
+
+def _hint(args, code: str, details: str) -> str:
+    """What an UNAVAILABLE most likely means, for gRPC's 'Socket closed' and the like."""
+    if code != "UNAVAILABLE":
+        return ""
+    lowered = details.lower()
+    tls = any((args.tls_ca, args.tls_cert, args.tls_key))
+    if "connection refused" in lowered:
+        return f" (is a gateway serving on {args.url}?)"
+    if "handshake" in lowered or "ssl" in lowered or "tls" in lowered:
+        return (" (the server may not use TLS: drop --tls-ca/--tls-cert/--tls-key, or its "
+                "certificate is not signed by --tls-ca)") if tls else ""
+    if "socket closed" in lowered or "connection reset" in lowered:
+        if not tls:
+            return " (the server may require TLS: use --tls-ca PEM)"
+        if not args.tls_cert:
+            return (" (the server may require a client certificate: use --tls-cert PEM "
+                    "--tls-key PEM)")
+        return " (the server may not accept this client certificate)"
+    return ""
 
 
 def _call_metadata(args):
@@ -36,8 +79,7 @@ def list_models(args) -> int:
             index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=args.timeout,
                                          metadata=_call_metadata(args))
         except grpc.RpcError as exc:
-            print(f"gateway models: {args.url}: {exc.code().name}: {exc.details()}",
-                  file=sys.stderr)
+            print(f"gateway models: {args.url}: {_rpc_failure(args, exc)}", file=sys.stderr)
             return 1
     rows = [("MODEL", "VERSION", "STATE", "REASON")]
     rows += [(m.name, m.version or "-", m.state, m.reason) for m in index.models]
@@ -59,8 +101,7 @@ def _admin_call(args, method: str, request):
             return getattr(stub, method)(request, timeout=args.timeout,
                                          metadata=_call_metadata(args))
         except grpc.RpcError as exc:
-            verb = " ".join(filter(None, (args.command, getattr(args, "action", ""))))
-            print(f"gateway {verb}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"gateway {_verb(args)}: {_rpc_failure(args, exc)}", file=sys.stderr)
             raise SystemExit(1) from None
 
 
@@ -80,6 +121,11 @@ def _print_traffic(status) -> None:
     print(f"  serving:    {', '.join(status.serving_versions) or 'none'}")
     if status.note:
         print(f"  note:       {status.note}")
+    if status.rollout:
+        print(f"  rollout:    {status.rollout} (it owns the split)")
+    if not status.store_up:
+        print(f"  state:      the state store is unreachable: serving revision "
+              f"{status.revision}; changes are refused until it is back")
 
 
 def traffic_command(args) -> int:
@@ -102,15 +148,22 @@ def traffic_command(args) -> int:
             if not sep:
                 print(f"gateway traffic set: {item!r} is not VERSION=WEIGHT", file=sys.stderr)
                 return 2
-        _print_traffic(_admin_call(args, "SetTraffic",
-                                   apb.SetTrafficRequest(model=args.model, split=split)))
+        status = _admin_call(args, "SetTraffic", apb.SetTrafficRequest(
+            model=args.model, split=split, force=args.force))
+        if args.force:
+            print(f"model {args.model}: any rollout of it was aborted (--force)")
+        _print_traffic(status)
     elif args.action == "shadow":
         _print_traffic(_admin_call(args, "SetShadow", apb.SetShadowRequest(
             model=args.model, version=args.to, percent=args.percent)))
     elif args.action == "unshadow":
         _print_traffic(_admin_call(args, "ClearShadow", apb.ClearShadowRequest(model=args.model)))
     elif args.action == "clear":
-        _print_traffic(_admin_call(args, "ClearTraffic", apb.ClearTrafficRequest(model=args.model)))
+        status = _admin_call(args, "ClearTraffic", apb.ClearTrafficRequest(
+            model=args.model, force=args.force))
+        if args.force:
+            print(f"model {args.model}: any rollout of it was aborted (--force)")
+        _print_traffic(status)
     elif args.action == "history":
         import datetime
 
@@ -118,8 +171,9 @@ def traffic_command(args) -> int:
                                apb.TrafficHistoryRequest(model=args.model, limit=args.limit))
         for r in response.records:
             when = datetime.datetime.fromtimestamp(r.time, datetime.UTC)
-            print(f"{when:%Y-%m-%d %H:%M:%S}Z  {r.model}  {r.action:<12}  by {r.who}\n"
-                  f"    old: {r.old_json}\n    new: {r.new_json}")
+            change = r.summary or f"{r.old_json} -> {r.new_json}"
+            print(f"{when:%Y-%m-%d %H:%M:%S}Z  rev {r.revision:<5} {r.model}  {r.action:<16} "
+                  f"by {r.who}: {change}")
         if not response.records:
             print("no traffic changes recorded")
     return 0
@@ -154,9 +208,13 @@ def _print_rollout(status) -> None:
     if status.state == "running":
         print(f"  next decision in {status.step_remaining_seconds:.0f}s (every "
               f"{status.interval_seconds:g}s; needs {status.min_requests} canary requests)")
+    if status.state == "running":
+        print(f"  judge:    {status.owner} (epoch {status.epoch}, lease "
+              f"{status.lease_remaining_seconds:.0f}s)")
     for name, w in (("canary", status.canary), ("baseline", status.baseline)):
         rate = w.errors / w.requests if w.requests else 0.0
-        print(f"  {name:<9} {w.requests} requests, {rate:.2%} errors, p99 {w.p99_ms:.2f} ms")
+        print(f"  {name:<9} {w.requests} requests, {rate:.2%} errors, p99 {w.p99_ms:.2f} ms "
+              f"(fleet: {w.replicas} replica{'s' if w.replicas != 1 else ''})")
     print(f"  limits:   error rate <= {status.max_error_rate:.2%}, p99 <= "
           f"{status.max_latency_ratio:g}x baseline"
           + (f", accuracy >= {status.min_accuracy_ratio:g}x baseline (after "
@@ -181,7 +239,7 @@ def rollout_command(args) -> int:
         request = apb.StartRolloutRequest(
             model=args.model, to_version=args.to, from_version=args.from_version or "",
             steps=args.steps or [], interval_seconds=args.interval or 0,
-            max_latency_ratio=args.max_latency_ratio or 0, min_requests=args.min_requests or 0,
+            max_latency_ratio=args.max_latency_ratio or 0, min_requests=args.min_requests,
             min_accuracy_ratio=args.min_accuracy_ratio or 0, min_labels=args.min_labels or 0)
         if args.max_error_rate is not None:
             request.max_error_rate = args.max_error_rate
@@ -225,9 +283,10 @@ def publish_command(args) -> int:
                                   ("min_accuracy_ratio", args.canary_min_accuracy_ratio))
                 if v is not None},
             allow_signature_change=args.allow_signature_change, from_mlflow=args.from_mlflow,
-            token=args.token, tls_ca=args.tls_ca, timeout=args.timeout)
+            token=args.token, tls=_tls(args), timeout=args.timeout)
     except GatewayError as exc:
-        print(f"gateway publish: refused ({exc.code}): {exc.message}", file=sys.stderr)
+        print(f"gateway publish: refused ({exc.code}): {exc.message}"
+              f"{_hint(args, exc.code, exc.message)}", file=sys.stderr)
         return 1
     meta = result.metadata
     where = result.path if result.path is not None else args.url
@@ -299,15 +358,24 @@ def _read_labels(path: Path) -> list[tuple[str, list[str]]]:
     import csv
 
     items = []
-    with open(path, newline="") as f:
-        for number, row in enumerate(csv.reader(f), 1):
-            if not row or not "".join(row).strip():
-                continue
-            if number == 1 and row[0].strip().lower() in ("id", "request_id"):
-                continue
-            if len(row) < 2:
-                raise SystemExit(f"gateway feedback: {path}:{number}: expected id,label")
-            items.append((row[0].strip(), [c.strip() for c in row[1:]]))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for number, row in enumerate(csv.reader(f), 1):
+                if not row or not "".join(row).strip():
+                    continue
+                if number == 1 and row[0].strip().lower() in ("id", "request_id"):
+                    continue
+                if len(row) < 2:
+                    raise SystemExit(f"gateway feedback: {path}:{number}: expected id,label")
+                items.append((row[0].strip(), [c.strip() for c in row[1:]]))
+    except IsADirectoryError:
+        raise SystemExit(f"gateway feedback: --file {path} is a directory, not a CSV file") \
+            from None
+    except OSError as exc:
+        raise SystemExit(f"gateway feedback: --file {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise SystemExit(f"gateway feedback: --file {path} is not a UTF-8 CSV file: {exc}") \
+            from None
     return items
 
 

@@ -44,7 +44,7 @@ def publish(model: str, file=None, *, repository=None, url: str | None = None,
             canary_interval: float | None = None, canary_options: dict | None = None,
             allow_signature_change: bool = False,
             from_mlflow: str | None = None, token: str | None = None, tls_ca=None,
-            timeout: float = 300.0) -> PublishResult:
+            timeout: float = 300.0, tls=None) -> PublishResult:
     """Publish ``file`` (an ONNX model) as the next version of ``model``.
 
     Exactly one of ``repository`` (a model repository directory) and ``url`` (a running
@@ -55,6 +55,8 @@ def publish(model: str, file=None, *, repository=None, url: str | None = None,
     StartRolloutRequest names (max_error_rate, max_latency_ratio, min_requests, steps,
     min_accuracy_ratio, min_labels).
     ``from_mlflow``: a ``models:/NAME/VERSION`` URI to take the file and run metadata from.
+    ``tls_ca``: a CA file to trust over TLS; or ``tls``: a :class:`gateway.tls.ClientTLS`
+    (CA and client certificate, for a gateway that requires one).
     """
     if (repository is None) == (url is None):
         raise InvalidArgument("give either repository (a directory) or url (a running gateway)")
@@ -81,7 +83,7 @@ def publish(model: str, file=None, *, repository=None, url: str | None = None,
         if canary_interval:
             options["interval_seconds"] = float(canary_interval)
         return _publish_remote(url, model, file, metadata, baseline, canary, options,
-                               allow_signature_change, token, tls_ca, timeout, Path(tmp))
+                               allow_signature_change, token, tls or tls_ca, timeout, Path(tmp))
 
 
 def _baseline_source(baseline):
@@ -156,10 +158,15 @@ def _publish_remote(url, model, file, metadata, baseline, canary, canary_options
 # ---- admin API plumbing (shared with the CLI) ---------------------------------------------------
 
 def open_channel(url: str, tls_ca=None):
+    """``tls_ca``: a CA file (TLS trusting it), a gateway.tls.ClientTLS, or None (plaintext)."""
     import grpc
+
+    from gateway.tls import ClientTLS
 
     options = [("grpc.max_send_message_length", 64 << 20),
                ("grpc.max_receive_message_length", 64 << 20)]
+    if isinstance(tls_ca, ClientTLS):
+        return grpc.secure_channel(url, tls_ca.credentials(), options=options)
     if tls_ca:
         creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
         return grpc.secure_channel(url, creds, options=options)
