@@ -8,6 +8,22 @@ else that escapes is our bug and is reported as INTERNAL without its text.
 
 from __future__ import annotations
 
+ECHO_LIMIT = 128  # characters of a caller's value that an error message repeats
+
+
+def echo(value) -> str:
+    """A caller's value as an error message (or a log line) may repeat it: at most
+    ``ECHO_LIMIT`` characters, control characters escaped. Status details travel in a gRPC
+    trailer, which is limited (16 KiB by default): a message that repeated a long name whole
+    would turn the caller's INVALID_ARGUMENT or NOT_FOUND into RESOURCE_EXHAUSTED."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > ECHO_LIMIT:
+        text = f"{text[:ECHO_LIMIT]}...({len(text)} characters)"
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                       for c in text)
+    return text
+
 
 class GatewayError(Exception):
     """Base of every error a caller may see; ``code`` is a gRPC status code name."""

@@ -114,7 +114,7 @@ def test_byte_size_mismatch(client):
     request.inputs.add(name="INPUT0", datatype="BYTES", shape=[1, 1])
     request.raw_input_contents.append(b"\x10\x00\x00\x00abc")
     rpc_error(client._client_stub.ModelInfer, request, "INVALID_ARGUMENT",
-              "raw BYTES element 0 claims 16 bytes, only 3 remain")
+              "input 'INPUT0': string element 0 claims 16 bytes, only 3 remain")
     # More raw entries than inputs.
     request = service_pb2.ModelInferRequest(model_name="mlp")
     request.inputs.add(name="input", datatype="FP32", shape=[1, 32])

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gateway.errors import InvalidArgument
+from gateway.errors import InvalidArgument, ResourceExhausted
+from gateway.protocol import codec
 from gateway.protocol.codec import decode_request, encode_response
 from gateway.protocol.pb import grpc_service_pb2 as pb
 from gateway.tensors import InferResponse, Tensor
@@ -194,6 +195,56 @@ def test_encode_response_writes_str_elements_of_bytes_outputs_as_utf8():
     assert response.raw_output_contents[0] == join_bytes([b"a", "é".encode(), b""])
 
 
+@FAST
+@given(named_arrays, st.text(max_size=300), st.text(max_size=40))
+def test_the_response_size_bound_is_never_below_the_real_size_and_close_to_it(tensors, rid,
+                                                                               name):
+    outputs = [Tensor(f"{name}{i}", dt, a) for i, (dt, a) in enumerate(tensors)]
+    response = InferResponse("mé", "7", rid, outputs)
+    size = pb.ModelStreamInferResponse(infer_response=encode_response(response)).ByteSize()
+    # Sound: no answer gRPC would refuse to send (stream wrapper included) gets through ...
+    with pytest.raises(ResourceExhausted) as info:
+        encode_response(response, size - 1)
+    assert "over the server's message limit of" in info.value.message
+    # ... and tight: a small, fixed allowance per output above the real size always passes.
+    slack = 64 + sum(32 + 10 * t.data.ndim for t in outputs)
+    assert encode_response(response, size + slack).ByteSize() <= size
+
+
+def test_a_response_over_the_limit_is_refused_before_it_is_built():
+    import tracemalloc
+
+    big = np.zeros((1024, 1024), dtype=np.float32)  # 4 MiB
+    response = InferResponse("m", "1", "", [Tensor(f"y{i}", "FP32", big) for i in range(4)])
+    tracemalloc.start()
+    try:
+        with pytest.raises(ResourceExhausted) as info:
+            encode_response(response, 8 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"refusing built {peak} bytes"
+    assert info.value.code == "RESOURCE_EXHAUSTED"
+    size = 4 * big.nbytes
+    message = info.value.message
+    assert message.startswith("the response would be about 167") and message.endswith(
+        " bytes, over the server's message limit of 8388608 bytes; ask for fewer outputs or a "
+        "smaller batch")
+    assert size < int(message.split()[5]) < size + 1000
+
+
+def test_a_bytes_response_over_the_limit_is_refused_while_joining():
+    data = np.empty(100_000, dtype=object)
+    data[:] = [b"x" * 100] * 100_000  # ~10 MB joined
+    response = InferResponse("m", "1", "", [Tensor("s", "BYTES", data)])
+    with pytest.raises(ResourceExhausted) as info:
+        encode_response(response, 1 << 20)
+    assert info.value.message == (
+        "the response would be more than 1048576 bytes, over the server's message limit of "
+        "1048576 bytes; ask for fewer outputs or a smaller batch")
+    assert len(encode_response(response, 16 << 20).raw_output_contents[0]) == 100_000 * 104
+
+
 # ---------------------------------------------------------------- robustness
 
 @st.composite
@@ -228,7 +279,7 @@ def test_random_raw_content_is_decoded_consistently_or_refused(payload):
         decoded = decode_request(request(("x", datatype, shape), raw=[data]))
     except InvalidArgument as exc:
         assert not valid, f"valid {datatype} {list(shape)} data refused: {exc.message}"
-        assert exc.message.startswith("input 'x'")
+        assert "input 'x'" in exc.message, exc.message
         return
     assert valid, f"malformed {datatype} {list(shape)} data accepted"
     array = decoded.inputs[0].data
@@ -386,12 +437,99 @@ def test_bool_raw_bytes_must_be_zero_or_one():
 
 
 @pytest.mark.parametrize("data, message", [
-    (b"\x05\x00\x00\x00ab", "input 's': raw BYTES element 0 claims 5 bytes, only 2 remain"),
-    (b"\x01\x00\x00\x00a\x01\x00", "input 's': raw BYTES data ends after 1 of 2 elements"),
-    (join_bytes([b"a", b"b"]) + b"!", "input 's': 1 bytes left after 2 BYTES elements"),
+    (b"\x05\x00\x00\x00abcd", "input 's': string element 0 claims 5 bytes, only 4 remain"),
+    (b"\x01\x00\x00\x00a\x01\x00\x00", ("incomplete string length indicator for "
+     "inference input 's' for model 'm', expecting 4 bytes but only 3 bytes available")),
+    (join_bytes([b"a", b"b"]) + b"!", ("incomplete string length indicator for inference input "
+     "'s' for model 'm', expecting 4 bytes but only 1 bytes available")),
+    # Triton's wording for a count that does not match the data.
+    (join_bytes([b"abcdef"]), ("expected 2 string elements for inference input 's' for model "
+     "'m', got 1")),
+    (join_bytes([b"a", b"b", b""]), ("unexpected number of string elements 3 for inference "
+     "input 's' for model 'm', expecting 2")),
 ])
 def test_malformed_raw_bytes_are_refused(data, message):
     assert refused(request(("s", "BYTES", [2]), raw=[data])) == message
+
+
+# ---------------------------------------------------------------- bounds before allocation
+# Every size a client states is checked against the bytes it sent (and the per-request cap)
+# before anything of that size is allocated. ``tracemalloc`` sees numpy's allocations: the
+# peak while refusing stays a few KiB whatever the stated size.
+
+def refused_within(msg: pb.ModelInferRequest, max_bytes: int = 1 << 20) -> str:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        message = refused(msg)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < max_bytes, f"refusing allocated {peak} bytes"
+    return message
+
+
+@pytest.mark.parametrize("count", [2**20 + 1, 2**27, 2**31])
+def test_a_huge_bytes_count_with_no_data_is_refused_without_allocating(count):
+    message = refused_within(request(("s", "BYTES", [count]), raw=[b""], model_name="strings"))
+    assert message == (f"expected {count} string elements for inference input 's' for model "
+                       "'strings', got 0 bytes, which hold at most 0")
+
+
+def test_a_bytes_count_beyond_the_data_is_refused_before_walking_it():
+    data = join_bytes([b"x"] * 1000)  # 5000 bytes: room for at most 1250 elements
+    message = refused_within(request(("s", "BYTES", [2**27]), raw=[data]))
+    assert message == ("expected 134217728 string elements for inference input 's' for model "
+                       "'m', got 5000 bytes, which hold at most 1250")
+
+
+def test_the_per_request_cap_counts_bytes_elements_of_all_inputs():
+    half = codec.MAX_DECODED_ELEMENTS // 2
+    data = b"\0" * (4 * (half + 1))  # enough empty strings for the O(1) check
+    msg = request(("a", "BYTES", [half]), ("b", "BYTES", [half + 1]),
+                  raw=[b"\0" * (4 * half), data])
+    assert refused_within(msg, 64 << 20) == (
+        f"input 'b': the request's inputs hold more than {codec.MAX_DECODED_ELEMENTS} BYTES "
+        "elements and typed-contents values together; send numeric tensors in "
+        "raw_input_contents, or split the request")
+    # Exactly at the cap is served.
+    ok = request(("a", "BYTES", [half]), ("b", "BYTES", [half]), raw=[b"\0" * (4 * half)] * 2)
+    got = decode_request(ok)
+    assert [t.data.shape for t in got.inputs] == [(half,), (half,)]
+
+
+def test_the_per_request_cap_counts_typed_contents_values():
+    n = codec.MAX_DECODED_ELEMENTS + 1
+    contents = pb.InferTensorContents()
+    contents.bool_contents.extend([True] * n)
+    message = refused_within(request(("x", "BOOL", [n], contents)))
+    assert message.startswith(f"input 'x': the request's inputs hold more than "
+                              f"{codec.MAX_DECODED_ELEMENTS} BYTES elements")
+
+
+def test_raw_numeric_tensors_are_not_capped_by_count_only_by_their_bytes():
+    n = codec.MAX_DECODED_ELEMENTS * 2
+    got = decode_request(request(("x", "UINT8", [n]), raw=[b"\1" * n]))
+    assert got.inputs[0].data.shape == (n,)
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "INT8", "BOOL", "FP64"])
+def test_a_huge_numeric_shape_is_refused_without_allocating(datatype):
+    for shape in ([2**31], [2**30, 2], [2**16, 2**15]):
+        message = refused_within(request(("x", datatype, shape), raw=[b"\0" * 8]))
+        assert message.startswith(f"input 'x': shape {shape} of {datatype} needs ")
+        message = refused_within(request(("x", datatype, shape)))
+        assert message.startswith(f"input 'x': shape {shape} needs {prod(shape)} values")
+
+
+def test_long_names_are_truncated_in_messages():
+    name = "n" * 20000
+    message = refused_within(request((name, "BYTES", [2**27]), raw=[b""], model_name=name))
+    assert len(message) < 600
+    assert "...(20000 characters)" in message
+    message = refused(request((name, "FP9", [1]), raw=[b"\0"]))
+    assert message == f"input '{'n' * 128}...(20000 characters)' has unsupported datatype 'FP9'"
 
 
 @pytest.mark.parametrize("datatype, value", [
