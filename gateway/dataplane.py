@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from gateway.errors import GatewayError, InvalidArgument, ResourceExhausted, Unavailable
+from gateway.errors import GatewayError, InvalidArgument, ResourceExhausted, Unavailable, echo
 from gateway.modelconfig import ModelConfig
 from gateway.repository import ServingVersion
 from gateway.routing import Router
@@ -162,10 +162,10 @@ def prepare_inputs(config: ModelConfig,
     for t in tensors:
         index = config.input_index.get(t.name)
         if index is None:
-            raise InvalidArgument(f"model '{config.name}' has no input '{t.name}'; its inputs "
-                                  f"are {', '.join(s.name for s in specs)}")
+            raise InvalidArgument(f"model '{config.name}' has no input '{echo(t.name)}'; its "
+                                  f"inputs are {', '.join(s.name for s in specs)}")
         if arrays[index] is not None:
-            raise InvalidArgument(f"input '{t.name}' is given twice")
+            raise InvalidArgument(f"input '{t.name}' already exists in request")
         spec = specs[index]
         if t.datatype != spec.datatype:
             raise InvalidArgument(f"input '{t.name}' must be {spec.datatype}, got {t.datatype}")
@@ -216,7 +216,8 @@ def as_text(name: str, data: np.ndarray) -> np.ndarray:
 
 
 def requested_outputs(config: ModelConfig, names: list[str]) -> list[int]:
-    """Indexes into the model's outputs of the ones the caller asked for (all when none)."""
+    """Indexes into the model's outputs of the ones the caller asked for (all when none);
+    each at most once, as in Triton, so a response is never larger than all outputs once."""
     if not names:
         return list(range(len(config.outputs)))
     wanted = []
@@ -225,9 +226,11 @@ def requested_outputs(config: ModelConfig, names: list[str]) -> list[int]:
         if index is None:
             if name in config.unsupported_outputs:
                 raise InvalidArgument(
-                    f"output '{name}' is a {config.unsupported_outputs[name]}, which this gateway "
-                    "cannot return; ask for tensor outputs only")
-            raise InvalidArgument(f"model '{config.name}' has no output '{name}'")
+                    f"output '{echo(name)}' is a {config.unsupported_outputs[name]}, which this "
+                    "gateway cannot return; ask for tensor outputs only")
+            raise InvalidArgument(f"model '{config.name}' has no output '{echo(name)}'")
+        if index in wanted:  # at most a model's outputs: a short list
+            raise InvalidArgument(f"output '{echo(name)}' already exists in request")
         wanted.append(index)
     return wanted
 

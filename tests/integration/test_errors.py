@@ -142,7 +142,7 @@ def test_unknown_and_duplicate_input(client):
         client.infer("mlp", [tensor("wrong", np.ones((1, 32), np.float32))],
                      client_timeout=TIMEOUT)
     x = np.ones((1, 16), np.float32)
-    with raises("INVALID_ARGUMENT", "input 'INPUT0' is given twice"):
+    with raises("INVALID_ARGUMENT", "input 'INPUT0' already exists in request"):
         client.infer("add_sub", [tensor("INPUT0", x), tensor("INPUT0", x)],
                      client_timeout=TIMEOUT)
 
