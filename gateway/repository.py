@@ -22,6 +22,7 @@ from gateway.errors import (
     ModelLoadError,
     NotFound,
     Unavailable,
+    echo,
 )
 from gateway.loading import load_version
 from gateway.modelconfig import ModelConfig, read_config_file, version_policy
@@ -29,14 +30,21 @@ from gateway.statistics import ModelStats
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+# Always with fullmatch: with match and "$", a trailing newline would pass ("m\n").
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+
+
+def valid_model_name(name: str) -> bool:
+    """A plain directory name: safe in a path, a metric label and a log line."""
+    return MODEL_NAME.fullmatch(name) is not None and ".." not in name
 
 
 def check_model_name(name: str) -> str:
     """Refuse names that could escape the repository or are not plain directory names."""
-    if not MODEL_NAME.match(name) or ".." in name:
+    if not valid_model_name(name):
         raise InvalidArgument(
-            f"invalid model name {name[:64]!r}: use letters, digits, '_', '-' and '.'")
+            f"invalid model name '{echo(name)}': use letters, digits, '_', '-' and '.' "
+            "(at most 128, not starting with '.' or '-')")
     return name
 
 
@@ -80,14 +88,14 @@ class Repository:
     def get(self, name: str) -> ModelEntry:
         entry = self.models.get(name)
         if entry is None:
-            raise NotFound(f"unknown model '{name}'")
+            raise NotFound(f"unknown model '{echo(name)}'")
         return entry
 
     def version(self, name: str, version: str) -> ServingVersion:
         """The serving version asked for ("" = newest), or the right error."""
         entry = self.models.get(name)
         if entry is None:
-            raise NotFound(f"unknown model '{name}'")
+            raise NotFound(f"unknown model '{echo(name)}'")
         if not version:
             if entry.latest is None:
                 raise Unavailable(_why_unavailable(entry, name))
@@ -98,7 +106,7 @@ class Repository:
         if version in entry.reasons:
             raise Unavailable(f"model '{name}' version {version} is not available: "
                               f"{entry.reasons[version]}")
-        raise NotFound(f"unknown version {version!r} of model '{name}'")
+        raise NotFound(f"unknown version '{echo(version)}' of model '{name}'")
 
     # ---- disk -----------------------------------------------------------------------------
 
@@ -106,7 +114,7 @@ class Repository:
         check_model_name(name)
         path = (self.root / name).resolve()
         if path.parent != self.root:
-            raise InvalidArgument(f"invalid model name {name[:64]!r}")
+            raise InvalidArgument(f"invalid model name '{echo(name)}'")
         return path
 
     def scan(self) -> list[str]:
@@ -114,7 +122,7 @@ class Repository:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and MODEL_NAME.match(p.name) and not p.name.startswith("."))
+                      if p.is_dir() and valid_model_name(p.name))
 
     def _disk_state(self, name: str):
         """(config proto, explicit batch flag, {version: (file, signature)}) read from disk."""
@@ -262,7 +270,7 @@ class Repository:
         for key in parameter_keys:
             if key.startswith("file:") or key == "config":
                 raise InvalidArgument(
-                    f"load parameter '{key[:64]}' is refused: models and configs are read only "
+                    f"load parameter '{echo(key)}' is refused: models and configs are read only "
                     "from the server's repository, never from the request")
         self.model_dir(name)
         if not (self.root / name).is_dir():
