@@ -25,6 +25,10 @@ from gateway.statistics import Duration
 
 log = logging.getLogger(__name__)
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy"]
+# Requests of one ModelStreamInfer stream read and not yet answered on the wire; the next
+# request is read only when one finishes (see ModelStreamInfer).
+STREAM_INFLIGHT = 64
+NAME_ECHO = 1024  # a stream's error answer repeats model name and version up to this length
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException):
@@ -58,11 +62,15 @@ def _routing_key(context) -> str | None:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, repository: Repository, ready):
+    def __init__(self, dataplane: DataPlane, repository: Repository, ready, *,
+                 max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
+                 stream_inflight: int = STREAM_INFLIGHT):
         self.dataplane = dataplane
         self.policies = dataplane.router.policies  # models with a traffic policy (live dict)
         self.repository = repository
         self.ready = ready  # () -> bool: server started and not draining
+        self.max_message_bytes = max_message_bytes  # the server's gRPC send limit
+        self.stream_inflight = stream_inflight
 
     # ---- inference ------------------------------------------------------------------------
 
@@ -72,51 +80,63 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # The deadline needs no reading: gRPC cancels the call, and the batcher then drops it.
             key = _routing_key(context) if request.model_name in self.policies else None
             core = codec.decode_request(request, key)
-            return codec.encode_response(await self.dataplane.infer(core))
+            return codec.encode_response(await self.dataplane.infer(core), self.max_message_bytes)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
             await abort(context, exc)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Requests on one stream run concurrently; each answer (or error) is sent as it ends."""
-        answers: asyncio.Queue = asyncio.Queue()
+        """Requests on one stream run concurrently; each answer (or error) is sent as it ends.
+
+        Backpressure: a request holds one of the stream's ``stream_inflight`` slots from when it
+        is read until its answer has been handed to gRPC, and the next request is read only
+        once a slot is free. So a client that sends without reading stops being read (gRPC flow
+        control then holds it back), the answers queue holds at most that many, and every
+        request running counts in the data plane's limits. An answer over the send limit is
+        replaced by an error answer for that request alone; the stream goes on."""
+        slots = asyncio.Semaphore(self.stream_inflight)
+        answers: asyncio.Queue = asyncio.Queue()  # never longer than stream_inflight
         routing_key = _routing_key(context)
+        limit = self.max_message_bytes
         pending: set[asyncio.Task] = set()
 
         async def one(msg):
             if msg is INVALID:
-                await answers.put(pb.ModelStreamInferResponse(
+                answers.put_nowait(pb.ModelStreamInferResponse(
                     error_message="the request is not a valid inference.ModelInferRequest message"))
                 return
             try:
                 core = codec.decode_request(msg, routing_key, 0)
-                answer = pb.ModelStreamInferResponse(
-                    infer_response=codec.encode_response(await self.dataplane.infer(core)))
+                answer = pb.ModelStreamInferResponse(infer_response=codec.encode_response(
+                    await self.dataplane.infer(core), limit))
             except GatewayError as exc:
-                answer = pb.ModelStreamInferResponse(
-                    error_message=exc.message,
-                    infer_response=pb.ModelInferResponse(
-                        model_name=msg.model_name, model_version=msg.model_version, id=msg.id))
+                answer = _stream_error(msg, exc.message, limit)
             except Exception:
                 log.exception("unexpected error in a stream request")
-                answer = pb.ModelStreamInferResponse(error_message="internal error",
-                                                     infer_response=pb.ModelInferResponse(id=msg.id))
-            await answers.put(answer)
+                answer = _stream_error(msg, "internal error", limit)
+            answers.put_nowait(answer)
 
         async def read():
-            async for msg in request_iterator:
-                task = asyncio.create_task(one(msg))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            if pending:
-                await asyncio.gather(*pending)
-            await answers.put(None)
+            try:
+                await slots.acquire()
+                async for msg in request_iterator:
+                    task = asyncio.create_task(one(msg))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    await slots.acquire()  # the next read waits for a free slot
+            except Exception as exc:  # the call broke while reading: answer what was read
+                log.debug("stream read ended: %s", type(exc).__name__)
+            finally:
+                if pending:
+                    await asyncio.wait(list(pending))
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
+                slots.release()
         finally:
             reader.cancel()
             for task in list(pending):
@@ -221,6 +241,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def LogSettings(self, request, context):
         await self._unsupported("LogSettings (use the server's --log-level)", context)
+
+
+def _stream_error(msg, message: str, limit: int) -> pb.ModelStreamInferResponse:
+    """An error answer on a stream, naming the request it answers by its id (and its model and
+    version when short): never larger than the send limit, whatever the request held."""
+    answer = pb.ModelInferResponse()
+    if codec.text_size(msg.id) <= limit // 2:
+        answer.id = msg.id
+    if len(msg.model_name) <= NAME_ECHO and len(msg.model_version) <= NAME_ECHO:
+        answer.model_name = msg.model_name
+        answer.model_version = msg.model_version
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=answer)
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:
