@@ -28,6 +28,7 @@ import shutil
 import socket
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 METADATA = "metadata.json"
 BASELINE = "baseline.npz"
+MAX_BASELINE_BYTES = 256 << 20  # uncompressed arrays of a published baseline.npz
 STAGING_PREFIX = ".publish-"
 STALE_STAGING_S = 24 * 3600  # staging directories left by a crashed publisher are removed after
 DEFAULT_STEPS = (5.0, 25.0, 50.0, 100.0)  # the rollout's default canary steps
@@ -184,16 +186,16 @@ def baseline_data(source, io: ModelIO) -> dict[str, np.ndarray]:
         path = Path(source)
         try:
             loaded = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+            if isinstance(loaded, np.ndarray):
+                data = {io.inputs[0].name: loaded} if io.inputs else {}
+            else:
+                with loaded:
+                    data = {name: loaded[name] for name in loaded.files}
+        except Exception as exc:  # OSError, ValueError, EOFError, BadZipFile, zlib.error ...
             raise PublishRefused(f"baseline {path.name}: not a readable .npy/.npz file "
                                  f"({type(exc).__name__})") from None
-        if isinstance(loaded, np.ndarray):
-            if not io.inputs:
-                raise PublishRefused("the model has no inputs to attach a baseline to")
-            data = {io.inputs[0].name: loaded}
-        else:
-            with loaded:
-                data = {name: loaded[name] for name in loaded.files}
+        if isinstance(loaded, np.ndarray) and not io.inputs:
+            raise PublishRefused("the model has no inputs to attach a baseline to")
     inputs = {s.name: s for s in io.inputs}
     if not data:
         raise PublishRefused("baseline: no arrays given")
@@ -216,9 +218,19 @@ def baseline_data(source, io: ModelIO) -> dict[str, np.ndarray]:
 
 
 def check_baseline_file(path: Path, io: ModelIO) -> dict:
-    """Validate an already built baseline.npz; return its summary for metadata.json."""
+    """Validate an already built baseline.npz (bytes a remote publisher sent: anything may be
+    in it); return its summary for metadata.json."""
     from gateway.monitoring.stats import read_baseline
 
+    try:  # the sizes its members declare bound what reading them can take (no zip bombs)
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(member.file_size for member in archive.infolist())
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise PublishRefused("baseline.npz is not usable: not a readable npz (zip) archive "
+                             f"({type(exc).__name__})") from None
+    if declared > MAX_BASELINE_BYTES:
+        raise PublishRefused(f"baseline.npz is not usable: its arrays hold {declared} bytes; "
+                             f"the limit is {MAX_BASELINE_BYTES}")
     try:
         baselines = read_baseline(path)
     except ValueError as exc:

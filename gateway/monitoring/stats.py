@@ -256,33 +256,44 @@ def write_baseline(path, data: dict[str, np.ndarray], bins: int = DEFAULT_BINS,
 
 
 def read_baseline(path) -> dict[str, Baseline]:
-    """Read and check ``baseline.npz``; ValueError says what is wrong with it."""
+    """Read and check ``baseline.npz``; ValueError says what is wrong with it (whatever the
+    file holds: it may come from a remote publisher)."""
     try:
         npz = np.load(Path(path), allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError, EOFError (empty), BadZipFile (broken) ...
         raise ValueError(f"not a readable npz file ({type(exc).__name__})") from None
+    if isinstance(npz, np.ndarray):  # the file's content is wrong, not a caller's type
+        raise ValueError("a single .npy array, not an npz archive of baseline arrays")  # noqa: TRY004
     with npz:
         try:
-            version = int(npz["format"])
-            if version != FORMAT:
-                raise ValueError(f"format {version} is not supported (expected {FORMAT})")
-            names = [str(n) for n in npz["inputs"]]
-            result = {}
-            for i, name in enumerate(names):
-                baseline = Baseline(
-                    npz[f"features_{i}"].astype(np.int64),
-                    npz[f"edges_{i}"].astype(np.float64),
-                    npz[f"expected_{i}"].astype(np.float64),
-                    npz[f"count_{i}"].astype(np.int64),
-                    npz[f"mean_{i}"].astype(np.float64),
-                    npz[f"std_{i}"].astype(np.float64),
-                    npz[f"min_{i}"].astype(np.float64),
-                    npz[f"max_{i}"].astype(np.float64),
-                    int(npz[f"samples_{i}"]))
-                _check(name, baseline)
-                result[name] = baseline
+            return _read_arrays(npz)
         except KeyError as exc:
             raise ValueError(f"missing array {exc.args[0]!r}") from None
+        except ValueError:
+            raise
+        except Exception as exc:  # a damaged member (BadZipFile, zlib.error), odd shapes ...
+            raise ValueError(f"an array cannot be read ({type(exc).__name__})") from None
+
+
+def _read_arrays(npz) -> dict[str, Baseline]:
+    version = int(npz["format"])
+    if version != FORMAT:
+        raise ValueError(f"format {version} is not supported (expected {FORMAT})")
+    names = [str(n) for n in npz["inputs"]]
+    result = {}
+    for i, name in enumerate(names):
+        baseline = Baseline(
+            npz[f"features_{i}"].astype(np.int64),
+            npz[f"edges_{i}"].astype(np.float64),
+            npz[f"expected_{i}"].astype(np.float64),
+            npz[f"count_{i}"].astype(np.int64),
+            npz[f"mean_{i}"].astype(np.float64),
+            npz[f"std_{i}"].astype(np.float64),
+            npz[f"min_{i}"].astype(np.float64),
+            npz[f"max_{i}"].astype(np.float64),
+            int(npz[f"samples_{i}"]))
+        _check(name, baseline)
+        result[name] = baseline
     return result
 
 

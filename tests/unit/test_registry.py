@@ -339,7 +339,61 @@ def test_canary_steps():
 
 
 def test_invalid_model_names_are_refused(tmp_path, files):
-    for name in ("../escape", ".hidden", "a/b", ""):
+    # A trailing newline used to pass ("$" matches before it): full-match validation now.
+    for name in ("../escape", ".hidden", "a/b", "", "newmodel\n", "m\nx", "-dash", "x" * 129):
         with pytest.raises(InvalidArgument):
             publish_version(tmp_path, name, files["mlp"])
+    assert tree(tmp_path) == []
+
+
+def _npz(**arrays) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _zip(**members) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data, fragment", [
+    (b"garbage" * 20, "not a readable npz (zip) archive (BadZipFile)"),
+    (b"PK\x03\x04" + b"\x00" * 60, "not a readable npz (zip) archive (BadZipFile)"),
+    (_npz(x=np.arange(3))[:-30], "not a readable npz (zip) archive (BadZipFile)"),
+    (_zip(**{"format.npy": b"hello"}), "baseline.npz is not usable: "),
+    (_npz(format=np.array("abc")), "baseline.npz is not usable: "),
+    (_npz(format=np.array([1, 2])), "baseline.npz is not usable: an array cannot be read"),
+    (_npz(format=np.array(1)), "baseline.npz is not usable: missing array"),
+    (_npz(format=np.array(1), inputs=np.array(["input"]), features_0=np.zeros(2)),
+     "baseline.npz is not usable: missing array"),
+])
+def test_a_garbage_baseline_npz_is_refused_as_the_callers_bad_input(tmp_path, files, data,
+                                                                       fragment):
+    with pytest.raises(PublishRefused) as info:
+        publish_version(tmp_path, "iris", files["iris"], baseline_npz=data)
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert fragment in info.value.message, info.value.message
+    assert tree(tmp_path) == []
+
+
+def test_a_baseline_npz_that_decompresses_past_the_limit_is_never_read(tmp_path, files,
+                                                                        monkeypatch):
+    import gateway.registry
+
+    monkeypatch.setattr(gateway.registry, "MAX_BASELINE_BYTES", 4096)
+    bomb = _zip(**{"format.npy": b"\x00" * 5000})  # a zip bomb, in small
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load was called"))
+    with pytest.raises(PublishRefused) as info:
+        publish_version(tmp_path, "iris", files["iris"], baseline_npz=bomb)
+    assert info.value.message == ("baseline.npz is not usable: its arrays hold 5000 bytes; the "
+                                  "limit is 4096")
     assert tree(tmp_path) == []
