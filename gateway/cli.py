@@ -46,6 +46,7 @@ def _serve(args) -> int:
         "workers": args.workers,
         "log_level": args.log_level,
         "state_dir": args.state_dir,
+        "state_url": args.state_url,
         "auth_tokens": args.auth_tokens,
         "execution_timeout": args.execution_timeout,
         "max_inflight": args.max_inflight,
@@ -132,8 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="processes sharing the gRPC port (SO_REUSEPORT); default 1")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     serve.add_argument("--state-dir", type=Path,
-                       help="operator state (traffic splits, audit log); default "
-                            "<repository>/.gateway, shared by replicas of one repository")
+                       help="operator state (traffic splits, rollouts, audit log) of the "
+                            "embedded file store; default <repository>/.gateway (one host)")
+    serve.add_argument("--state-url", metavar="URL",
+                       help="operator state store: file://DIR (default: the --state-dir file "
+                            "store) or redis://HOST:PORT/DB, rediss:// for TLS, shared by a "
+                            "fleet; password in the URL or GATEWAY_STATE_PASSWORD")
     serve.add_argument("--auth-tokens", type=Path, metavar="FILE",
                        help="require 'authorization: Bearer TOKEN'; FILE has 'ROLE TOKEN [NAME]' "
                             "lines, roles infer and admin; re-read on SIGHUP")

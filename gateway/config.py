@@ -29,6 +29,7 @@ class Settings:
     cpu_threads: int = 1  # ORT intra-op threads of each CPU model instance
     log_level: str = "INFO"
     state_dir: Path | None = None  # operator state; default <repository>/.gateway
+    state_url: str = ""  # "" or file://DIR: the file store; redis://HOST:PORT/DB: a fleet's
     auth_tokens: Path | None = None  # "ROLE TOKEN [NAME]" lines; None = no authentication
     tls_cert: Path | None = None  # PEM certificate chain for the gRPC port
     tls_key: Path | None = None
@@ -79,6 +80,10 @@ class Settings:
                              "be positive")
         if self.execution_timeout < 0:
             raise ValueError("execution timeout must not be negative")
+        if self.state_url and not self.state_url.startswith(
+                ("file:", "redis://", "rediss://", "unix://")):
+            raise ValueError(f"--state-url {self.state_url!r}: use file://DIR, "
+                             "redis://HOST:PORT/DB or rediss://HOST:PORT/DB")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:

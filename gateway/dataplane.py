@@ -22,6 +22,7 @@ from gateway.tensors import InferRequest, InferResponse, Tensor
 log = logging.getLogger(__name__)
 now_ns = time.monotonic_ns
 MAX_SHADOW_INFLIGHT = 64  # mirrored requests beyond this are dropped, never queued
+DEADLINE_SLACK_NS = 2_000_000  # a cancellation this close to the deadline is the deadline
 
 
 class DataPlane:
@@ -86,7 +87,9 @@ class DataPlane:
             self._finished(request, served, exc.code, start)
             raise
         except asyncio.CancelledError:
-            self._finished(request, served, "CANCELLED", start)
+            # gRPC cancels a call whose deadline passed: that is a timeout, not a change of mind.
+            late = request.deadline_ns and now_ns() >= request.deadline_ns - DEADLINE_SLACK_NS
+            self._finished(request, served, "DEADLINE_EXCEEDED" if late else "CANCELLED", start)
             raise
         finally:
             self.inflight -= 1

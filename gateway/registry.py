@@ -501,7 +501,7 @@ class RegistryService:
         """(Published, state, detail, Rollout | None); ``canary``: a RolloutSpec whose
         to_version is filled in once the version has its number, or None."""
         check_model_name(model)
-        held = self._hold_traffic(model, who) if canary is not None else None
+        held = await self._hold_traffic(model, who) if canary is not None else None
         loop = asyncio.get_running_loop()
         try:
             published = await loop.run_in_executor(None, lambda: publish_version(
@@ -509,7 +509,7 @@ class RegistryService:
                 baseline_npz=baseline_npz or None, allow_signature_change=allow_signature_change,
                 source_name=source, expected_sha256=sha256))
         except BaseException:
-            self._release(model, held, who)
+            await self._release(model, held, who)
             raise
         version = str(published.version)
         entry = await self.repository.load(model)
@@ -522,18 +522,18 @@ class RegistryService:
         rollout = None
         if canary is not None and state == "READY":
             try:
-                rollout = self.rollouts.start(replace(canary, to_version=version), who)
+                rollout = await self.rollouts.start(replace(canary, to_version=version), who)
             except Exception as exc:  # the version is written and loaded: say why, keep it safe
                 detail = f"the canary did not start: {getattr(exc, 'message', exc)}"
                 if held is not None:
                     detail += (f"; all traffic stays on version {held['version']} (`gateway "
                                f"traffic clear {model}` lets the newest version serve)")
         elif canary is not None:
-            self._release(model, held, who)
+            await self._release(model, held, who)
             detail = f"{detail}; the canary did not start"
         return published, state, detail, rollout
 
-    def _hold_traffic(self, model: str, who: str) -> dict | None:
+    async def _hold_traffic(self, model: str, who: str) -> dict | None:
         """Before a canary's version appears, keep requests on what serves now: with no split
         the newest version would take all traffic the moment it loads."""
         entry = self.repository.models.get(model)
@@ -547,8 +547,8 @@ class RegistryService:
                 f"model '{model}''s version policy serves only its newest version, so the old "
                 "one would retire when the canary loads: set version_policy { latest { "
                 "num_versions: 2 } } (or all { }) in its config.pbtxt")
-        active = self.rollouts.rollouts.get(model)
-        if active is not None and active.state in ("running", "paused"):
+        active = self.rollouts.active(model)
+        if active is not None:
             raise FailedPrecondition(
                 f"model '{model}' already has a {active.state} rollout to version "
                 f"{active.spec.to_version}; let it finish or abort it before a new canary")
@@ -556,19 +556,20 @@ class RegistryService:
             return None  # a split is set: the new version gets nothing until the rollout
         shares, _ = self.traffic.router.effective(model)
         current = max(shares, key=shares.get) if shares else max(entry.serving, key=int)
-        self.traffic.set_split(model, {current: 100.0}, f"{who} (publish: hold traffic on "
-                                                        f"version {current} for the canary)")
+        await self.traffic.set_split(model, {current: 100.0},
+                                     f"{who} (publish: hold traffic on version {current} for "
+                                     "the canary)")
         return {"version": current, "shadow": self.traffic.policy(model).shadow}
 
-    def _release(self, model: str, held: dict | None, who: str) -> None:
+    async def _release(self, model: str, held: dict | None, who: str) -> None:
         """Undo the hold when no new version came to serve (a shadow set before stays)."""
         if held is None:
             return
         try:
-            self.traffic.clear(model, f"{who} (publish: no canary)")
+            await self.traffic.clear(model, f"{who} (publish: no canary)")
             shadow = held["shadow"]
             if shadow is not None:
-                self.traffic.set_shadow(model, shadow.version, shadow.percent, who)
+                await self.traffic.set_shadow(model, shadow.version, shadow.percent, who)
         except Exception as exc:
             log.error("model '%s': could not clear the held split: %s", model,
                       getattr(exc, "message", exc))

@@ -18,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway.auth import AuthInterceptor, TokenAuthenticator
 from gateway.config import Settings
+from gateway.control import ControlPlane, open_store
+from gateway.control.filestore import FileStore
 from gateway.dataplane import DataPlane
 from gateway.feedback import FeedbackCollector, FeedbackStore
 from gateway.protocol.admin import AdminServicer
@@ -26,11 +28,8 @@ from gateway.protocol.registration import add_servicer
 from gateway.protocol.servicer import InferenceServicer
 from gateway.registry import RegistryService
 from gateway.repository import Repository
-from gateway.rollout import RolloutController, VersionWindows
 from gateway.routing import Router
-from gateway.state import StateStore
 from gateway.tls import check_server_files
-from gateway.traffic import TrafficControl
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -44,9 +43,12 @@ class GatewayServer:
                                      settings.control_mode)
         self.repository.execution_timeout_s = settings.execution_timeout
         self.router = Router(self.repository)
-        self.traffic = TrafficControl(self.router, StateStore(settings.state_directory()))
-        self.windows = VersionWindows()
-        self.rollouts = RolloutController(self.traffic, self.windows)
+        store = open_store(settings.state_url, settings.state_directory())
+        if isinstance(store, FileStore):
+            store.poll_interval = settings.state_poll_interval
+        self.control = ControlPlane(store, self.router)
+        self.traffic = self.control.traffic
+        self.rollouts = self.control.rollouts
         self.dataplane = DataPlane(self.router, settings.max_inflight,
                                    settings.max_inflight_per_model)
         self.feedback = FeedbackStore(self.repository, self.dataplane)
@@ -80,8 +82,7 @@ class GatewayServer:
         self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
         add_servicer(self._grpc, InferenceServicer(self.dataplane, self.repository, self.is_ready),
                      grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
-        add_servicer(self._grpc, AdminServicer(self.traffic, self.rollouts, self.registry,
-                                               self.feedback),
+        add_servicer(self._grpc, AdminServicer(self.control, self.registry, self.feedback),
                      gateway_admin_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection([
@@ -98,15 +99,13 @@ class GatewayServer:
         await self._grpc.start()
         await self.health.set("", NOT_SERVING)
         self.metrics_port = self._start_metrics()
-        self.dataplane.observer = _fan_out(self.dataplane.observer, self.windows.observe)
-        self.traffic.sync()
-        self.rollouts.sync()
+        self.dataplane.observer = _fan_out(self.dataplane.observer, self.control.counter.observe)
+        # The stored splits first: the first request after a model loads must already follow
+        # them (a 5% canary must not take 100% while the state is read).
+        await self.control.start(s.state_poll_interval)
         await self._load_initial_models()
         if s.control_mode == "poll":
             self._tasks.append(asyncio.create_task(self._poll(), name="repository-poll"))
-        self._tasks.append(asyncio.create_task(self.traffic.watch(s.state_poll_interval),
-                                               name="traffic-watch"))
-        self._tasks.append(asyncio.create_task(self.rollouts.run(), name="rollouts"))
         self._ready = True
         await self.health.set("", SERVING)
 
@@ -120,6 +119,9 @@ class GatewayServer:
         self.monitoring = Monitoring(self.repository, self.router, self.dataplane,
                                      s.gpu_sample_interval, s.drift_interval)
         self.monitoring.registry.register(FeedbackCollector(self.feedback))
+        from gateway.monitoring.control import ControlCollector
+
+        self.monitoring.registry.register(ControlCollector(self.control))
         return self.monitoring.start(s.host, s.metrics_port)
 
     async def _load_initial_models(self) -> None:
@@ -174,6 +176,7 @@ class GatewayServer:
         if not drained:
             log.warning("drain: requests still running after %.1fs; stopping anyway", grace)
         await self._grpc.stop(grace=1.0)
+        await self.control.stop()
         await self.repository.close()
         if self.monitoring is not None:
             self.monitoring.stop()

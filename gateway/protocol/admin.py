@@ -6,36 +6,38 @@ import asyncio
 import json
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote
 
 from gateway.auth import IDENTITY
+from gateway.control import ControlPlane, Rollout, RolloutSpec, rollout_spec
 from gateway.errors import FailedPrecondition, InvalidArgument, NotFound
 from gateway.protocol.pb import gateway_admin_pb2 as apb
 from gateway.protocol.pb import gateway_admin_pb2_grpc as apb_grpc
 from gateway.protocol.registration import INVALID
 from gateway.protocol.servicer import handles_errors
 from gateway.repository import check_model_name
-from gateway.rollout import Rollout, RolloutController, RolloutSpec
-from gateway.traffic import TrafficControl
 
 MAX_FEEDBACK_ITEMS = 100_000  # labels in one SendFeedback call
 
 
 def caller(context) -> str:
-    """Who made a change, for the audit log: the authenticated identity, else the peer."""
-    return IDENTITY.get() or context.peer() or "unknown"
+    """Who made a change, for the audit log: the token's name when auth is on, else the peer
+    address as written ("ipv6:[::1]:5000", not "ipv6:%5B::1%5D:5000")."""
+    return IDENTITY.get() or unquote(context.peer() or "") or "unknown"
 
 
 class AdminServicer(apb_grpc.GatewayAdminServicer):
-    def __init__(self, traffic: TrafficControl, rollouts: RolloutController, registry=None,
-                 feedback=None):
-        self.traffic = traffic
-        self.router = traffic.router
-        self.rollouts = rollouts
+    def __init__(self, control: ControlPlane, registry=None, feedback=None):
+        self.control = control
+        self.traffic = control.traffic
+        self.router = control.router
+        self.rollouts = control.rollouts
         self.registry = registry  # gateway.registry.RegistryService
         self.feedback = feedback  # gateway.feedback.FeedbackStore
 
     def _status(self, model: str) -> apb.TrafficStatus:
         policy = self.traffic.policy(model)
+        rollout = self.rollouts.active(model)
         shares, note = self.router.effective(model)
         entry = self.router.repository.get(model)
         split = policy.to_json()["weights"]
@@ -43,7 +45,10 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
             model=model,
             split=[apb.VersionWeight(version=v, percent=p) for v, p in split.items()],
             effective=[apb.VersionWeight(version=v, percent=p) for v, p in shares.items()],
-            serving_versions=sorted(entry.serving, key=int), note=note)
+            serving_versions=sorted(entry.serving, key=int), note=note,
+            rollout=(f"{rollout.state} rollout to version {rollout.spec.to_version} at "
+                     f"{rollout.percent:g}%" if rollout else ""),
+            revision=self.control.snapshot.revision, store_up=self.control.store_up)
         if policy.shadow:
             status.shadow.CopyFrom(apb.ShadowPolicy(version=policy.shadow.version,
                                                     percent=policy.shadow.percent))
@@ -66,55 +71,59 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
             if item.version in weights:
                 raise InvalidArgument(f"version {item.version} is listed twice")
             weights[item.version] = item.percent
-        self.traffic.set_split(model, weights, caller(context))
+        await self.traffic.set_split(model, weights, caller(context), force=request.force)
         return self._status(model)
 
     @handles_errors
     async def ClearTraffic(self, request, context):
         model = check_model_name(request.model)
-        self.traffic.clear(model, caller(context))
+        await self.traffic.clear(model, caller(context), force=request.force)
         return self._status(model)
 
     @handles_errors
     async def SetShadow(self, request, context):
         model = check_model_name(request.model)
-        self.traffic.set_shadow(model, request.version, request.percent, caller(context))
+        await self.traffic.set_shadow(model, request.version, request.percent, caller(context))
         return self._status(model)
 
     @handles_errors
     async def ClearShadow(self, request, context):
         model = check_model_name(request.model)
-        self.traffic.clear_shadow(model, caller(context))
+        await self.traffic.clear_shadow(model, caller(context))
         return self._status(model)
 
     @handles_errors
     async def TrafficHistory(self, request, context):
         model = check_model_name(request.model) if request.model else None
-        records = self.traffic.store.history(model, request.limit or 100)
+        records = await self.control.history(model, min(request.limit or 100, 10_000))
         return apb.TrafficHistoryResponse(records=[apb.AuditRecord(
-            time=r.get("time", 0.0), who=str(r.get("who", "")), model=str(r.get("model", "")),
-            action=str(r.get("action", "")), old_json=json.dumps(r.get("old")),
-            new_json=json.dumps(r.get("new"))) for r in records])
+            time=float(r.get("time", 0.0)), who=str(r.get("who", "")),
+            model=str(r.get("model", "")), action=str(r.get("action", "")),
+            old_json=json.dumps(r.get("old")), new_json=json.dumps(r.get("new")),
+            revision=int(r.get("revision", 0)), summary=str(r.get("summary", "")),
+            section=str(r.get("section", ""))) for r in records])
 
     # ---- rollouts -------------------------------------------------------------------------
 
-    def _rollout_status(self, rollout: Rollout) -> apb.RolloutStatus:
+    async def _rollout_status(self, rollout: Rollout) -> apb.RolloutStatus:
         spec = rollout.spec
-        windows = self.rollouts.windows
+        canary, baseline = await self.rollouts.figures(rollout)
 
-        def window(version):
-            w = windows.window(spec.model, version)
-            return apb.RolloutWindow(requests=w.requests, errors=w.errors, p99_ms=w.p99_s * 1000)
+        def window(w):
+            return apb.RolloutWindow(requests=w.requests, errors=w.errors, p99_ms=w.p99_s * 1000,
+                                     replicas=w.replicas)
 
-        remaining = 0.0
+        remaining = lease = 0.0
         if rollout.state == "running":
-            remaining = max(0.0, spec.interval_s - (self.rollouts.clock() - rollout.step_started))
+            now = await self.control.store.now()
+            remaining = max(0.0, spec.interval_s - (now - rollout.step_started))
+            lease = max(0.0, rollout.lease_until - now)
         return apb.RolloutStatus(
             model=spec.model, to_version=spec.to_version, from_version=spec.from_version,
             state=rollout.state, step=rollout.step, percent=rollout.percent, steps=spec.steps,
             interval_seconds=spec.interval_s, step_remaining_seconds=remaining,
-            reason=rollout.reason, canary=window(spec.to_version),
-            baseline=window(spec.from_version), owner=rollout.owner,
+            reason=rollout.reason, canary=window(canary), baseline=window(baseline),
+            owner=rollout.owner, epoch=rollout.epoch, lease_remaining_seconds=lease,
             max_error_rate=spec.max_error_rate, max_latency_ratio=spec.max_latency_ratio,
             min_requests=spec.min_requests, min_accuracy_ratio=spec.min_accuracy_ratio,
             min_labels=spec.min_labels, feedback=self._rollout_feedback(spec),
@@ -140,20 +149,18 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
 
     def _rollout_spec(self, model: str, request, to_version: str,
                       default_steps: tuple = ()) -> RolloutSpec:
-        """A RolloutSpec from a StartRolloutRequest, the defaults where it leaves zeros."""
-        defaults = RolloutSpec(model, to_version, request.from_version)
-        spec = RolloutSpec(
+        """A RolloutSpec from a StartRolloutRequest: proto3's zeros mean "the default"."""
+        spec = rollout_spec(
             model, to_version, request.from_version,
-            steps=tuple(request.steps) or default_steps or defaults.steps,
-            interval_s=request.interval_seconds or defaults.interval_s,
+            steps=tuple(request.steps) or default_steps or None,
+            interval_s=request.interval_seconds or None,
             max_error_rate=(request.max_error_rate if request.HasField("max_error_rate")
-                            else defaults.max_error_rate),
-            max_latency_ratio=request.max_latency_ratio or defaults.max_latency_ratio,
-            min_requests=(max(0, request.min_requests) if request.min_requests
-                          else defaults.min_requests),
-            min_accuracy_ratio=request.min_accuracy_ratio,
-            min_labels=(max(0, request.min_labels) if request.min_labels
-                        else defaults.min_labels))
+                            else None),
+            max_latency_ratio=request.max_latency_ratio or None,
+            min_requests=(request.min_requests if request.HasField("min_requests") else None),
+            min_accuracy_ratio=request.min_accuracy_ratio or None,
+            min_labels=request.min_labels or None)
+        spec.validate_limits()
         if spec.min_accuracy_ratio and (self.feedback is None
                                         or model not in self.feedback.models):
             raise FailedPrecondition(
@@ -165,26 +172,27 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
     async def StartRollout(self, request, context):
         model = check_model_name(request.model)
         spec = self._rollout_spec(model, request, request.to_version)
-        return self._rollout_status(self.rollouts.start(spec, caller(context)))
+        return await self._rollout_status(await self.rollouts.start(spec, caller(context)))
 
     @handles_errors
     async def GetRollout(self, request, context):
-        return self._rollout_status(self.rollouts.status(check_model_name(request.model)))
+        model = check_model_name(request.model)
+        return await self._rollout_status(self.rollouts.status(model))
 
     @handles_errors
     async def PauseRollout(self, request, context):
         model = check_model_name(request.model)
-        return self._rollout_status(self.rollouts.pause(model, caller(context)))
+        return await self._rollout_status(await self.rollouts.pause(model, caller(context)))
 
     @handles_errors
     async def ResumeRollout(self, request, context):
         model = check_model_name(request.model)
-        return self._rollout_status(self.rollouts.resume(model, caller(context)))
+        return await self._rollout_status(await self.rollouts.resume(model, caller(context)))
 
     @handles_errors
     async def AbortRollout(self, request, context):
         model = check_model_name(request.model)
-        return self._rollout_status(self.rollouts.abort(model, caller(context)))
+        return await self._rollout_status(await self.rollouts.abort(model, caller(context)))
 
     # ---- publishing -----------------------------------------------------------------------
 
@@ -244,7 +252,7 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
                                    state=state, detail=detail,
                                    metadata_json=json.dumps(published.metadata, sort_keys=True))
         if rollout is not None:
-            result.rollout.CopyFrom(self._rollout_status(rollout))
+            result.rollout.CopyFrom(await self._rollout_status(rollout))
         return result
 
     @handles_errors

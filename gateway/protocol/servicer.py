@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 
 import grpc
 
@@ -54,6 +55,13 @@ def handles_errors(method):
     return wrapper
 
 
+def _deadline_ns(remaining: float | None) -> int:
+    """The caller's deadline on the data plane's clock; 0 when it set none."""
+    if remaining is None or remaining > 1e6:
+        return 0
+    return time.monotonic_ns() + int(max(remaining, 0.0) * 1e9)
+
+
 def _routing_key(context) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == "x-routing-key":
@@ -77,9 +85,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         try:
             # Reading metadata costs tens of microseconds: only when a split may use the key.
-            # The deadline needs no reading: gRPC cancels the call, and the batcher then drops it.
+            # The deadline reaches the batcher (expired requests never run) and the accounting
+            # (a call cancelled at its deadline timed out).
             key = _routing_key(context) if request.model_name in self.policies else None
-            core = codec.decode_request(request, key)
+            remaining = context.time_remaining()
+            core = codec.decode_request(request, key, _deadline_ns(remaining))
             return codec.encode_response(await self.dataplane.infer(core), self.max_message_bytes)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise

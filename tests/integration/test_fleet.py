@@ -182,7 +182,7 @@ def test_a_new_version_takes_no_traffic_until_a_split_names_it(fleet):
     # made them.
     for gw in gateways:
         history = traffic(gw.url, "history", MODEL)
-        assert '"1": 30.0' in history and '"3": 100.0' in history, history
+        assert "-> 1=30% 2=70%" in history and "1=30% 2=70% -> 3=100%" in history, history
 
 
 def test_a_retired_version_leaves_every_replica(fleet):

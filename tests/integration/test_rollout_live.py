@@ -164,7 +164,7 @@ def test_refusals_are_clear(gateway):
     assert "INVALID_ARGUMENT: steps must be increasing percentages in (0, 100]" in err
     code, _, err = cli(gateway.url, "pause", "canary")
     assert code == 1
-    assert "FAILED_PRECONDITION: cannot pause the rollout of model 'canary': it is" in err
+    assert "FAILED_PRECONDITION: the rollout of model 'canary' already ended" in err
     code, _, err = cli(gateway.url, "status", "nope")
     assert code == 1 and "NOT_FOUND" in err
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from test_rollout import SPEC, feed, world  # noqa: F401  (world is a fixture)
+from test_rollout import SPEC, feed, one, tick, world  # noqa: F401  (fixtures)
 
 from gateway.errors import InvalidArgument
-from gateway.rollout import Rollout, Window, decide
+from gateway.control import Rollout, Window, decide
 
 HEALTHY = (Window(100, 0, 0.01), Window(100, 0, 0.01))
 ACCURACY = replace(SPEC, min_accuracy_ratio=0.95, min_labels=20)
@@ -56,7 +56,7 @@ def test_bad_values_are_refused():
         replace(SPEC, min_accuracy_ratio=-1).validate()
 
 
-def test_the_controller_asks_for_each_versions_feedback(world):  # noqa: F811
+async def test_the_controller_asks_for_each_versions_feedback(world, one):  # noqa: F811
     scores = {"2": ("classification", 30, 0.5), "1": ("classification", 30, 0.9)}
     asked = []
 
@@ -64,18 +64,18 @@ def test_the_controller_asks_for_each_versions_feedback(world):  # noqa: F811
         asked.append((model, version))
         return scores.get(version)
 
-    c = world.controller
+    c = one.rollouts
     c.quality = quality
-    c.start(ACCURACY, "ops")
+    await c.start(ACCURACY, "ops")
     world.clock.now += 31
-    feed(world.windows, "2", 30)
-    feed(world.windows, "1", 30)
-    c.tick()
+    feed(one, "2", 30)
+    feed(one, "1", 30)
+    await tick(one)
     rollout: Rollout = c.status("m")
     assert asked == [("m", "2"), ("m", "1")]
     assert rollout.state == "rolled_back"
     assert rollout.reason.startswith("canary accuracy 50.00% is below 0.95x")
-    assert world.traffic.policy("m").weights == {"1": 10000, "2": 0}
+    assert one.traffic.policy("m").weights == {"1": 10000}
 
 
 def test_persisted_rollouts_without_the_new_fields_still_load():

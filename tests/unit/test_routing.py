@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway.errors import FailedPrecondition, InvalidArgument, NotFound
+from gateway.control import ControlPlane
+from gateway.control.filestore import FileStore
+from gateway.errors import InvalidArgument, NotFound, Unavailable
 from gateway.repository import ModelEntry
 from gateway.routing import SLOTS, Router, Shadow, TrafficPolicy, key_slot, normalise_weights
-from gateway.state import StateStore
-from gateway.traffic import TrafficControl
 
 
 class FakeRepository:
@@ -140,44 +140,84 @@ def test_check_refuses_versions_that_are_not_serving():
     assert info.value.message == "shadow percent must be above 0 and at most 100"
 
 
-def test_traffic_control_persists_audits_and_keeps_the_old_split_on_refusal(tmp_path):
-    repo = FakeRepository(m=["1", "2"])
-    control = TrafficControl(Router(repo), StateStore(tmp_path / "state"))
-    control.set_split("m", {"1": 90, "2": 10}, who="alice")
+def plane(directory, repo=None) -> ControlPlane:
+    return ControlPlane(FileStore(directory, poll_interval=0.05),
+                        Router(repo or FakeRepository(m=["1", "2"])))
+
+
+async def test_traffic_control_persists_audits_and_keeps_the_old_split_on_refusal(tmp_path):
+    control = plane(tmp_path / "state")
+    traffic = control.traffic
+    await traffic.set_split("m", {"1": 90, "2": 10}, who="alice")
     with pytest.raises(InvalidArgument):
-        control.set_split("m", {"1": 90, "7": 10}, who="alice")
-    assert control.policy("m").weights == {"1": 9000, "2": 1000}
-    control.set_shadow("m", "2", 5, who="bob")
+        await traffic.set_split("m", {"1": 90, "7": 10}, who="alice")
+    assert traffic.policy("m").weights == {"1": 9000, "2": 1000}
+    await traffic.set_shadow("m", "2", 5, who="bob")
     state = json.loads((tmp_path / "state" / "state.json").read_text())
-    assert state["traffic"]["m"] == {"weights": {"1": 90.0, "2": 10.0},
-                                     "shadow": {"version": "2", "percent": 5.0}}
-    history = control.store.history("m")
+    assert state["sections"]["traffic"]["m"]["value"] == {
+        "weights": {"1": 90.0, "2": 10.0}, "shadow": {"version": "2", "percent": 5.0}}
+    history = await control.history("m", 100)
     assert [(r["who"], r["action"]) for r in history] == [("alice", "set"), ("bob", "shadow")]
     assert history[1]["old"] == {"weights": {"1": 90.0, "2": 10.0}, "shadow": None}
-    control.clear("m", who="carol")
+    await traffic.clear("m", who="carol")
     assert "m" not in control.router.policies
-    assert "m" not in json.loads((tmp_path / "state" / "state.json").read_text())["traffic"]
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert "m" not in state["sections"].get("traffic", {})
 
 
-def test_a_second_process_converges_through_the_state_file(tmp_path):
-    store_dir = tmp_path / "state"
-    first = TrafficControl(Router(FakeRepository(m=["1", "2"])), StateStore(store_dir))
-    second = TrafficControl(Router(FakeRepository(m=["1", "2"])), StateStore(store_dir))
-    second.sync()
-    first.set_split("m", {"1": 30, "2": 70}, who="ops")
-    assert second.store.signature() != second._seen
-    second.sync()
-    assert second.policy("m") == first.policy("m")
-    first.clear("m", who="ops")
-    second.sync()
+async def test_a_second_process_converges_through_the_store(tmp_path):
+    first, second = plane(tmp_path / "state"), plane(tmp_path / "state")
+    await second.refresh()
+    await first.traffic.set_split("m", {"1": 30, "2": 70}, who="ops")
+    await second.refresh()
+    assert second.traffic.policy("m") == first.traffic.policy("m")
+    await first.traffic.clear("m", who="ops")
+    await second.refresh()
     assert "m" not in second.router.policies
 
 
-def test_an_unwritable_state_directory_refuses_the_change(tmp_path):
+async def test_a_follower_converges_without_being_asked(tmp_path):
+    import asyncio
+
+    first, second = plane(tmp_path / "state"), plane(tmp_path / "state")
+    follower = asyncio.create_task(second.follow())
+    try:
+        await first.traffic.set_split("m", {"1": 30, "2": 70}, who="ops")
+        for _ in range(200):
+            if "m" in second.router.policies:
+                break
+            await asyncio.sleep(0.02)
+        assert second.traffic.policy("m") == first.traffic.policy("m")
+    finally:
+        follower.cancel()
+
+
+async def test_an_unwritable_state_directory_refuses_the_change(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    control = TrafficControl(Router(FakeRepository(m=["1", "2"])), StateStore(blocker / "state"))
-    with pytest.raises(FailedPrecondition) as info:
-        control.set_split("m", {"1": 50, "2": 50}, who="ops")
-    assert "the state directory is not writable" in info.value.message
+    control = plane(blocker / "state")
+    with pytest.raises(Unavailable) as info:
+        await control.traffic.set_split("m", {"1": 50, "2": 50}, who="ops")
+    assert "the operator state" in info.value.message and "Not a directory" in info.value.message
     assert "m" not in control.router.policies
+
+
+async def test_a_damaged_state_file_keeps_the_last_good_splits(tmp_path):
+    control = plane(tmp_path / "state")
+    await control.traffic.set_split("m", {"1": 95, "2": 5}, who="ops")
+    path = tmp_path / "state" / "state.json"
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(Unavailable):
+        await control.refresh()
+    assert control.traffic.policy("m").weights == {"1": 9500, "2": 500}
+    assert control.store_up is False
+    with pytest.raises(Unavailable):  # a change cannot overwrite what it could not read
+        await control.traffic.set_split("n", {"1": 100}, who="ops")
+    path.write_bytes(b"null")
+    with pytest.raises(Unavailable):
+        await control.refresh()
+    assert control.traffic.policy("m").weights == {"1": 9500, "2": 500}
+    path.write_bytes(good)
+    await control.refresh()
+    assert control.store_up is True

@@ -23,20 +23,26 @@ class ShadowPolicy(_message.Message):
     def __init__(self, version: _Optional[str] = ..., percent: _Optional[float] = ...) -> None: ...
 
 class TrafficStatus(_message.Message):
-    __slots__ = ("model", "split", "shadow", "effective", "serving_versions", "note")
+    __slots__ = ("model", "split", "shadow", "effective", "serving_versions", "note", "rollout", "revision", "store_up")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_FIELD_NUMBER: _ClassVar[int]
     SERVING_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    STORE_UP_FIELD_NUMBER: _ClassVar[int]
     model: str
     split: _containers.RepeatedCompositeFieldContainer[VersionWeight]
     shadow: ShadowPolicy
     effective: _containers.RepeatedCompositeFieldContainer[VersionWeight]
     serving_versions: _containers.RepeatedScalarFieldContainer[str]
     note: str
-    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., shadow: _Optional[_Union[ShadowPolicy, _Mapping]] = ..., effective: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., serving_versions: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ...) -> None: ...
+    rollout: str
+    revision: int
+    store_up: bool
+    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., shadow: _Optional[_Union[ShadowPolicy, _Mapping]] = ..., effective: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., serving_versions: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ..., rollout: _Optional[str] = ..., revision: _Optional[int] = ..., store_up: _Optional[bool] = ...) -> None: ...
 
 class GetTrafficRequest(_message.Message):
     __slots__ = ("model",)
@@ -55,18 +61,22 @@ class ListTrafficResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[TrafficStatus, _Mapping]]] = ...) -> None: ...
 
 class SetTrafficRequest(_message.Message):
-    __slots__ = ("model", "split")
+    __slots__ = ("model", "split", "force")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     split: _containers.RepeatedCompositeFieldContainer[VersionWeight]
-    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ...) -> None: ...
+    force: bool
+    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Iterable[_Union[VersionWeight, _Mapping]]] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class ClearTrafficRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "force")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, model: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class SetShadowRequest(_message.Message):
     __slots__ = ("model", "version", "percent")
@@ -93,20 +103,26 @@ class TrafficHistoryRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class AuditRecord(_message.Message):
-    __slots__ = ("time", "who", "model", "action", "old_json", "new_json")
+    __slots__ = ("time", "who", "model", "action", "old_json", "new_json", "revision", "summary", "section")
     TIME_FIELD_NUMBER: _ClassVar[int]
     WHO_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     OLD_JSON_FIELD_NUMBER: _ClassVar[int]
     NEW_JSON_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    SECTION_FIELD_NUMBER: _ClassVar[int]
     time: float
     who: str
     model: str
     action: str
     old_json: str
     new_json: str
-    def __init__(self, time: _Optional[float] = ..., who: _Optional[str] = ..., model: _Optional[str] = ..., action: _Optional[str] = ..., old_json: _Optional[str] = ..., new_json: _Optional[str] = ...) -> None: ...
+    revision: int
+    summary: str
+    section: str
+    def __init__(self, time: _Optional[float] = ..., who: _Optional[str] = ..., model: _Optional[str] = ..., action: _Optional[str] = ..., old_json: _Optional[str] = ..., new_json: _Optional[str] = ..., revision: _Optional[int] = ..., summary: _Optional[str] = ..., section: _Optional[str] = ...) -> None: ...
 
 class TrafficHistoryResponse(_message.Message):
     __slots__ = ("records",)
@@ -145,14 +161,16 @@ class RolloutRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class RolloutWindow(_message.Message):
-    __slots__ = ("requests", "errors", "p99_ms")
+    __slots__ = ("requests", "errors", "p99_ms", "replicas")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     P99_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     requests: int
     errors: int
     p99_ms: float
-    def __init__(self, requests: _Optional[int] = ..., errors: _Optional[int] = ..., p99_ms: _Optional[float] = ...) -> None: ...
+    replicas: int
+    def __init__(self, requests: _Optional[int] = ..., errors: _Optional[int] = ..., p99_ms: _Optional[float] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class RolloutEvent(_message.Message):
     __slots__ = ("time", "event", "detail", "percent", "who")
@@ -169,7 +187,7 @@ class RolloutEvent(_message.Message):
     def __init__(self, time: _Optional[float] = ..., event: _Optional[str] = ..., detail: _Optional[str] = ..., percent: _Optional[float] = ..., who: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("model", "to_version", "from_version", "state", "step", "percent", "steps", "interval_seconds", "step_remaining_seconds", "reason", "canary", "baseline", "history", "owner", "max_error_rate", "max_latency_ratio", "min_requests", "min_accuracy_ratio", "min_labels", "feedback")
+    __slots__ = ("model", "to_version", "from_version", "state", "step", "percent", "steps", "interval_seconds", "step_remaining_seconds", "reason", "canary", "baseline", "history", "owner", "max_error_rate", "max_latency_ratio", "min_requests", "min_accuracy_ratio", "min_labels", "feedback", "epoch", "lease_remaining_seconds")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TO_VERSION_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +208,8 @@ class RolloutStatus(_message.Message):
     MIN_ACCURACY_RATIO_FIELD_NUMBER: _ClassVar[int]
     MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REMAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     to_version: str
     from_version: str
@@ -210,7 +230,9 @@ class RolloutStatus(_message.Message):
     min_accuracy_ratio: float
     min_labels: int
     feedback: _containers.RepeatedCompositeFieldContainer[VersionFeedback]
-    def __init__(self, model: _Optional[str] = ..., to_version: _Optional[str] = ..., from_version: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., percent: _Optional[float] = ..., steps: _Optional[_Iterable[float]] = ..., interval_seconds: _Optional[float] = ..., step_remaining_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., canary: _Optional[_Union[RolloutWindow, _Mapping]] = ..., baseline: _Optional[_Union[RolloutWindow, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., owner: _Optional[str] = ..., max_error_rate: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ..., min_accuracy_ratio: _Optional[float] = ..., min_labels: _Optional[int] = ..., feedback: _Optional[_Iterable[_Union[VersionFeedback, _Mapping]]] = ...) -> None: ...
+    epoch: int
+    lease_remaining_seconds: float
+    def __init__(self, model: _Optional[str] = ..., to_version: _Optional[str] = ..., from_version: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., percent: _Optional[float] = ..., steps: _Optional[_Iterable[float]] = ..., interval_seconds: _Optional[float] = ..., step_remaining_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., canary: _Optional[_Union[RolloutWindow, _Mapping]] = ..., baseline: _Optional[_Union[RolloutWindow, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., owner: _Optional[str] = ..., max_error_rate: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ..., min_accuracy_ratio: _Optional[float] = ..., min_labels: _Optional[int] = ..., feedback: _Optional[_Iterable[_Union[VersionFeedback, _Mapping]]] = ..., epoch: _Optional[int] = ..., lease_remaining_seconds: _Optional[float] = ...) -> None: ...
 
 class PublishHeader(_message.Message):
     __slots__ = ("model", "metadata_json", "allow_signature_change", "canary_percent", "baseline_npz", "size", "sha256", "source", "canary")
