@@ -8,12 +8,15 @@ Enabled per model in ``<repository>/<model>/gateway.yaml``::
       output: label            # the output holding the prediction (default: inferred)
       kind: classification     # or regression (default: inferred from the output)
       max_requests: 100000     # request ids kept; the oldest are dropped first
+      max_bytes: 67108864      # and at most about this much memory (64 MiB) for them
 
 Inferred: the first integer or string output with one value per row is a class label; else a
 float output with several values per row is class scores (the prediction is the argmax), and
 one with a single value per row is a regression. Only requests with a non-empty id are kept,
 and only for enabled models: on the request path that is one dict lookup, a small argmax or
-slice of the response, and one insert into a bounded ordered dict, with no logging.
+slice of the response, and one insert into a bounded ordered dict, with no logging. The store
+is bounded by count and by (estimated) bytes; request ids over ``MAX_ID_LENGTH`` characters are
+not kept.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
-from gateway.errors import NotFound
+from gateway.errors import NotFound, echo
 
 log = logging.getLogger(__name__)
 FILENAME = "gateway.yaml"
 KINDS = ("classification", "regression")
 DEFAULT_CAPACITY = 100_000
+DEFAULT_MAX_BYTES = 64 << 20
+MAX_ID_LENGTH = 1024  # characters; a longer request id is not kept (its label is "unknown")
+_ENTRY_BYTES = 240  # one kept entry besides its id and values: dict slot, tuple, list, headers
 VALUE, ARGMAX = 0, 1  # how a prediction is read from its output
 INTEGERS = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL"}
 FLOATS = {"FP16", "FP32", "FP64"}
@@ -45,6 +51,7 @@ class FeedbackSettings:
     output: str | None = None
     kind: str | None = None
     capacity: int = DEFAULT_CAPACITY
+    max_bytes: int = DEFAULT_MAX_BYTES
 
 
 def parse_settings(document) -> FeedbackSettings | None:
@@ -59,7 +66,7 @@ def parse_settings(document) -> FeedbackSettings | None:
     if not isinstance(section, dict):
         raise SettingsError("feedback must be a mapping (or true)")
     for key in section:
-        if key not in ("enabled", "output", "kind", "max_requests"):
+        if key not in ("enabled", "output", "kind", "max_requests", "max_bytes"):
             log.warning("gateway.yaml: unknown key feedback.%s ignored", key)
     if section.get("enabled", True) is False:
         return None
@@ -72,7 +79,10 @@ def parse_settings(document) -> FeedbackSettings | None:
     capacity = section.get("max_requests", DEFAULT_CAPACITY)
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
         raise SettingsError("feedback.max_requests must be a positive whole number")
-    return FeedbackSettings(output, kind, capacity)
+    max_bytes = section.get("max_bytes", DEFAULT_MAX_BYTES)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise SettingsError("feedback.max_bytes must be a positive whole number")
+    return FeedbackSettings(output, kind, capacity, max_bytes)
 
 
 def load_settings(model_dir: Path) -> FeedbackSettings | None:
@@ -149,10 +159,18 @@ class ModelFeedback:
         self.output = settings.output or ""
         self.totals: dict[str, VersionTotals] = {}
         self.unmatched = 0
+        self.kept_bytes = 0  # estimated memory of ``kept`` (see entry_bytes)
+        self.long_ids = 0  # requests whose id was too long to keep
         self.lock = threading.Lock()  # totals are read by the metrics thread
 
     def record(self, request_id: str, served, outputs: list, rows: int) -> None:
         """Request path: keep this request's prediction (never raises, never logs per call)."""
+        if len(request_id) > MAX_ID_LENGTH:
+            if not self.long_ids:
+                log.warning("model '%s': feedback does not keep request ids longer than %d "
+                            "characters", self.model, MAX_ID_LENGTH)
+            self.long_ids += 1
+            return
         plan = self.plans.get(served.version, False)
         if plan is False:
             plan = self._plan(served)
@@ -165,9 +183,20 @@ class ModelFeedback:
         except Exception:
             return
         kept = self.kept
+        old = kept.get(request_id)
+        if old is not None:  # the same id again: the newer prediction replaces it
+            self.kept_bytes -= entry_bytes(request_id, old[1])
         kept[request_id] = (served.version, values)
-        if len(kept) > self.settings.capacity:
-            kept.popitem(last=False)
+        self.kept_bytes += entry_bytes(request_id, values)
+        if len(kept) > self.settings.capacity or self.kept_bytes > self.settings.max_bytes:
+            self.trim()
+
+    def trim(self) -> None:
+        """Drop the oldest predictions until the store is within its count and bytes."""
+        kept, settings = self.kept, self.settings
+        while kept and (len(kept) > settings.capacity or self.kept_bytes > settings.max_bytes):
+            request_id, (_, values) = kept.popitem(last=False)
+            self.kept_bytes -= entry_bytes(request_id, values)
 
     def _plan(self, served):
         try:
@@ -189,19 +218,20 @@ class ModelFeedback:
             return None
         version, predictions = entry
         if len(labels) != len(predictions):
-            return (f"request '{request_id[:64]}' had {len(predictions)} row(s); "
+            return (f"request '{echo(request_id)}' had {len(predictions)} row(s); "
                     f"{len(labels)} label(s) given")
         regression = self.kind == "regression"
         if regression:
             try:
                 errors = [abs(float(p) - float(label)) for p, label in zip(predictions, labels)]
             except ValueError:
-                return f"request '{request_id[:64]}': regression labels must be numbers"
+                return f"request '{echo(request_id)}': regression labels must be numbers"
             correct = 0
         else:
             errors = []
             correct = sum(_same(p, label) for p, label in zip(predictions, labels))
         del self.kept[request_id]
+        self.kept_bytes -= entry_bytes(request_id, predictions)
         with self.lock:
             totals = self.totals.get(version)
             if totals is None:
@@ -216,6 +246,14 @@ class ModelFeedback:
         with self.lock:
             rows = [(v, t.labelled, t.correct, t.abs_error) for v, t in self.totals.items()]
         return sorted(rows, key=lambda r: int(r[0]) if r[0].isdigit() else 0)
+
+
+def entry_bytes(request_id: str, values: list) -> int:
+    """Estimated memory of one kept prediction: O(1), or O(rows) for text labels."""
+    size = _ENTRY_BYTES + len(request_id) + 40 * len(values)
+    if values and isinstance(values[0], (bytes, str)):
+        size += sum(len(v) for v in values if isinstance(v, (bytes, str)))
+    return size
 
 
 def _same(prediction, label: str) -> bool:
@@ -265,7 +303,7 @@ class FeedbackStore:
         feedback = self.models.get(model)
         if feedback is None:
             if model not in self.repository.models:
-                raise NotFound(f"unknown model '{model}'")
+                raise NotFound(f"unknown model '{echo(model)}'")
             raise NotFound(f"model '{model}' does not keep predictions for feedback: add "
                            f"'feedback: {{}}' to its {FILENAME} (and send requests with an id)")
         return feedback
@@ -279,7 +317,7 @@ class FeedbackStore:
                 errors.append("a label without a request id")
                 continue
             if not labels:
-                errors.append(f"request '{request_id[:64]}': no label given")
+                errors.append(f"request '{echo(request_id)}': no label given")
                 continue
             outcome = feedback.label(request_id, labels)
             if outcome is None:
@@ -311,9 +349,8 @@ def _carry_over(old: ModelFeedback, settings: FeedbackSettings) -> ModelFeedback
     new = ModelFeedback(old.model, settings)
     new.totals, new.unmatched = old.totals, old.unmatched
     if (settings.output, settings.kind) == (old.settings.output, old.settings.kind):
-        new.kept = old.kept
-        while len(new.kept) > settings.capacity:
-            new.kept.popitem(last=False)
+        new.kept, new.kept_bytes = old.kept, old.kept_bytes
+        new.trim()
     return new
 
 

@@ -13,12 +13,14 @@ from gateway.dataplane import DataPlane
 from gateway.errors import NotFound
 from gateway.feedback import (
     ARGMAX,
+    MAX_ID_LENGTH,
     VALUE,
     FeedbackCollector,
     FeedbackSettings,
     FeedbackStore,
     ModelFeedback,
     SettingsError,
+    entry_bytes,
     parse_settings,
     plan_output,
 )
@@ -53,6 +55,10 @@ def test_settings():
     assert parse_settings({"feedback": {"output": "y", "kind": "regression",
                                         "max_requests": 10}}) == \
         FeedbackSettings("y", "regression", 10)
+    assert parse_settings({"feedback": {"max_bytes": 1000}}) == FeedbackSettings(max_bytes=1000)
+    for bad in ({"max_bytes": 0}, {"max_bytes": "1MB"}, {"max_bytes": False}):
+        with pytest.raises(SettingsError, match="feedback.max_bytes must be a positive"):
+            parse_settings({"feedback": bad})
     for bad in ({"kind": "ranking"}, {"max_requests": 0}, {"max_requests": True},
                 {"output": 3}, [1, 2]):
         with pytest.raises(SettingsError):
@@ -121,6 +127,37 @@ def test_the_store_is_bounded_oldest_first():
     for i in range(5):
         feedback.record(f"r{i}", served(), [np.array([i]), np.zeros((1, 3))], 1)
     assert list(feedback.kept) == ["r2", "r3", "r4"]
+
+
+def test_long_request_ids_are_not_kept(caplog):
+    feedback = ModelFeedback("m", FeedbackSettings())
+    for i in range(3):
+        feedback.record("x" * (MAX_ID_LENGTH + 1) + str(i), served(),
+                        [np.array([1]), np.zeros((1, 3))], 1)
+    feedback.record("y" * MAX_ID_LENGTH, served(), [np.array([1]), np.zeros((1, 3))], 1)
+    assert list(feedback.kept) == ["y" * MAX_ID_LENGTH]
+    assert feedback.long_ids == 3
+    assert sum("longer than 1024 characters" in r.message for r in caplog.records) == 1
+    assert feedback.label("x" * (MAX_ID_LENGTH + 1) + "0", ["1"]) is None
+
+
+def test_the_store_is_bounded_by_bytes_too_oldest_first():
+    # 1 MB ids used to be kept whole: 500 of them held 490 MB.
+    feedback = ModelFeedback("m", FeedbackSettings(max_bytes=10_000))
+    for i in range(100):
+        feedback.record(f"{i:04d}" + "z" * 996, served(), [np.array([i]), np.zeros((1, 3))], 1)
+    assert 0 < len(feedback.kept) < 10
+    assert feedback.kept_bytes <= 10_000
+    assert feedback.kept_bytes == sum(entry_bytes(k, v) for k, (_, v) in feedback.kept.items())
+    assert next(reversed(feedback.kept)).startswith("0099")  # the newest stay
+    # Text predictions count with their length; a label frees what it joined.
+    text = ModelFeedback("m", FeedbackSettings(max_bytes=100_000))
+    version = served(outputs=[("name", "BYTES", (1,))])
+    text.record("a", version, [np.array([[b"w" * 5000]], dtype=object)], 1)
+    text.record("a", version, [np.array([[b"w" * 6000]], dtype=object)], 1)  # replaces
+    assert text.kept_bytes == entry_bytes("a", [b"w" * 6000]) > 6000
+    assert text.label("a", ["w" * 6000]) == ""
+    assert text.kept_bytes == 0 and not text.kept
 
 
 def test_a_version_without_a_usable_output_records_nothing(caplog):
