@@ -47,6 +47,7 @@ def _serve(args) -> int:
         "log_level": args.log_level,
         "state_dir": args.state_dir,
         "state_url": args.state_url,
+        "rollout_lease": args.rollout_lease,
         "auth_tokens": args.auth_tokens,
         "execution_timeout": args.execution_timeout,
         "max_inflight": args.max_inflight,
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="operator state store: file://DIR (default: the --state-dir file "
                             "store) or redis://HOST:PORT/DB, rediss:// for TLS, shared by a "
                             "fleet; password in the URL or GATEWAY_STATE_PASSWORD")
+    serve.add_argument("--rollout-lease", type=float, metavar="S",
+                       help="seconds after which a silent rollout judge is replaced by another "
+                            "replica (default 15)")
     serve.add_argument("--auth-tokens", type=Path, metavar="FILE",
                        help="require 'authorization: Bearer TOKEN'; FILE has 'ROLE TOKEN [NAME]' "
                             "lines, roles infer and admin; re-read on SIGHUP")

@@ -30,6 +30,8 @@ class Settings:
     log_level: str = "INFO"
     state_dir: Path | None = None  # operator state; default <repository>/.gateway
     state_url: str = ""  # "" or file://DIR: the file store; redis://HOST:PORT/DB: a fleet's
+    rollout_lease: float = 15.0  # seconds a silent rollout judge keeps its lease
+    state_start_wait: float = 10.0  # seconds start retries reading the state before serving
     auth_tokens: Path | None = None  # "ROLE TOKEN [NAME]" lines; None = no authentication
     tls_cert: Path | None = None  # PEM certificate chain for the gRPC port
     tls_key: Path | None = None
@@ -80,6 +82,8 @@ class Settings:
                              "be positive")
         if self.execution_timeout < 0:
             raise ValueError("execution timeout must not be negative")
+        if not 0.5 <= self.rollout_lease <= 3600:
+            raise ValueError("--rollout-lease must be between 0.5 and 3600 seconds")
         if self.state_url and not self.state_url.startswith(
                 ("file:", "redis://", "rediss://", "unix://")):
             raise ValueError(f"--state-url {self.state_url!r}: use file://DIR, "

@@ -46,7 +46,7 @@ class GatewayServer:
         store = open_store(settings.state_url, settings.state_directory())
         if isinstance(store, FileStore):
             store.poll_interval = settings.state_poll_interval
-        self.control = ControlPlane(store, self.router)
+        self.control = ControlPlane(store, self.router, settings.rollout_lease)
         self.traffic = self.control.traffic
         self.rollouts = self.control.rollouts
         self.dataplane = DataPlane(self.router, settings.max_inflight,
@@ -102,7 +102,7 @@ class GatewayServer:
         self.dataplane.observer = _fan_out(self.dataplane.observer, self.control.counter.observe)
         # The stored splits first: the first request after a model loads must already follow
         # them (a 5% canary must not take 100% while the state is read).
-        await self.control.start(s.state_poll_interval)
+        await self.control.start(s.state_poll_interval, s.state_start_wait)
         await self._load_initial_models()
         if s.control_mode == "poll":
             self._tasks.append(asyncio.create_task(self._poll(), name="repository-poll"))
