@@ -26,6 +26,7 @@ MAX_DIMS = 32  # numpy 1.x's limit (2.x allows 64); no model has more
 # viewed in place (no cost per element) and are bounded by the bytes sent alone.
 MAX_DECODED_ELEMENTS = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # the server's default gRPC send/receive limit
+MAX_TENSORS = 4096  # inputs, and requested outputs, of one request (no model has nearly as many)
 
 # KServe datatype -> the typed contents field that may carry it (FP16 has none).
 TYPED_FIELD = {
@@ -45,6 +46,9 @@ def decode_request(msg: pb.ModelInferRequest, routing_key: str | None = None,
     """A ModelInferRequest as a core InferRequest, or InvalidArgument saying what is wrong."""
     raw = msg.raw_input_contents
     inputs_pb = msg.inputs
+    if len(inputs_pb) > MAX_TENSORS:
+        raise InvalidArgument(
+            f"the request has {len(inputs_pb)} inputs; the limit is {MAX_TENSORS}")
     if raw and len(raw) != len(inputs_pb):
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries for {len(inputs_pb)} inputs")
@@ -109,11 +113,22 @@ def decode_request(msg: pb.ModelInferRequest, routing_key: str | None = None,
         if "routing_key" in params and routing_key is None:
             routing_key = params["routing_key"].string_param or None
     outputs = []
-    for out in msg.outputs:
-        if out.parameters and "classification" in out.parameters:
-            raise InvalidArgument(
-                f"output '{echo(out.name)}': the classification extension is not supported")
-        outputs.append(out.name)
+    if msg.outputs:
+        # Refused at the first repeat, before touching the rest: each output's parameters map
+        # costs ~350 bytes once looked at (200,000 repeats of one name took 70 MB).
+        seen = set()
+        for out in msg.outputs:
+            name = out.name
+            if name in seen:
+                raise InvalidArgument(f"output '{echo(name)}' already exists in request")
+            seen.add(name)
+            if len(outputs) == MAX_TENSORS:
+                raise InvalidArgument(f"the request asks for {len(msg.outputs)} outputs; the "
+                                      f"limit is {MAX_TENSORS}")
+            if out.parameters and "classification" in out.parameters:
+                raise InvalidArgument(
+                    f"output '{echo(name)}': the classification extension is not supported")
+            outputs.append(name)
     return InferRequest(msg.model_name, msg.model_version, msg.id, inputs, outputs, routing_key,
                         priority, timeout_us, deadline_ns)
 
@@ -220,11 +235,11 @@ def encode_response(response: InferResponse,
     The size used is an upper bound of the serialized size (each field's tag and length
     prefix counted at their widest)."""
     outputs = response.outputs
-    size = 64 + _text_size(response.model) + _text_size(response.version) + \
-        _text_size(response.id)
+    size = 64 + text_size(response.model) + text_size(response.version) + \
+        text_size(response.id)
     for t in outputs:
         data = t.data
-        size += 32 + _text_size(t.name) + len(t.datatype) + 10 * data.ndim
+        size += 32 + text_size(t.name) + len(t.datatype) + 10 * data.ndim
         if t.datatype != "BYTES":
             size += data.nbytes
     if size > limit:
@@ -246,7 +261,8 @@ def encode_response(response: InferResponse,
                                  id=response.id, outputs=tensors, raw_output_contents=raw)
 
 
-def _text_size(text: str) -> int:
+def text_size(text: str) -> int:
+    """UTF-8 size of a str (its length when ASCII: an O(1) check)."""
     return len(text) if text.isascii() else len(text.encode())
 
 

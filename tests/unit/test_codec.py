@@ -566,6 +566,24 @@ def test_typed_contents_count_must_match_the_shape():
         "input 'x': shape [1] needs 1 values but 0 were sent in contents.int64_contents")
 
 
+def test_a_repeated_output_is_refused_at_the_first_repeat():
+    msg = request(("x", "INT32", [1], typed("INT32", [1])))
+    for name in ["a", "b"] + ["a"] * 200_000:
+        msg.outputs.add(name=name)
+    assert refused_within(msg) == "output 'a' already exists in request"
+
+
+def test_inputs_and_requested_outputs_are_capped_in_number():
+    msg = request(*[(f"x{i}", "INT32", [0]) for i in range(codec.MAX_TENSORS + 1)])
+    assert refused(msg) == "the request has 4097 inputs; the limit is 4096"
+    msg = request(("x", "INT32", [1], typed("INT32", [1])))
+    for i in range(codec.MAX_TENSORS + 1):
+        msg.outputs.add(name=f"y{i}")
+    assert refused(msg) == "the request asks for 4097 outputs; the limit is 4096"
+    del msg.outputs[-1]
+    assert len(decode_request(msg).outputs) == codec.MAX_TENSORS
+
+
 def test_classification_extension_is_refused():
     msg = request(("x", "INT32", [1], typed("INT32", [1])))
     msg.outputs.add(name="probs").parameters["classification"].int64_param = 3
