@@ -43,6 +43,7 @@ class Instance:
     name: str
     runtime: Runtime
     executor: ThreadPoolExecutor
+    batch: list | None = None  # the requests it is forming into a batch or running
 
 
 class QueuedRequest:
@@ -179,22 +180,24 @@ class Batcher:
     async def _work(self, instance: Instance) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
+            batch = await self._next_batch(instance)
             if batch is None:
                 return
             try:
                 await self._execute(loop, instance, batch)
+                instance.batch = None
                 if self.inline:
                     await asyncio.sleep(0)  # let the callers and new requests run in between
             except _InstanceStuck:
                 self._retire_stuck(instance)
                 return
             except Exception as exc:  # our bug: fail the batch, keep the worker alive
+                instance.batch = None
                 log.exception("%s: unexpected error running a batch", self._label)
                 self._fail(batch, ModelExecutionError(
                     f"{self._label}: internal error running the batch ({type(exc).__name__})"))
 
-    async def _next_batch(self) -> list[QueuedRequest] | None:
+    async def _next_batch(self, instance: Instance) -> list[QueuedRequest] | None:
         while True:
             if not self._pending:
                 if self._closed:
@@ -205,6 +208,7 @@ class Batcher:
             batch, size = self._take(self.max_batch, None)
             if not batch:
                 continue
+            instance.batch = batch
             if self.delay_ns and size < self.target:
                 until = batch[0].enqueued_ns + self.delay_ns
                 while size < self.target and (remaining := until - now_ns()) > 0:
@@ -213,6 +217,8 @@ class Batcher:
                         await asyncio.wait_for(self._wakeup.wait(), remaining / 1e9)
                     except TimeoutError:
                         pass
+                    if self._closed:  # unloading: run what is here, now
+                        break
                     more, added = self._take(self.target - size, batch[0].key)
                     batch += more
                     size += added
@@ -355,6 +361,20 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(error)
         self._pending = 0
+
+    def abandon(self, error: GatewayError) -> None:
+        """Answer every queued, forming and running request with ``error`` now (a drain out of
+        time). Running model calls finish on their threads; their results go unused."""
+        for level in self._levels:
+            for queue in (level.ready, level.delayed):
+                while queue:
+                    item = queue.popleft()
+                    if not item.future.done():
+                        item.future.set_exception(error)
+        self._pending = 0
+        for instance in self.instances:
+            if instance.batch:
+                self._fail(instance.batch, error)
 
     async def close(self) -> None:
         """Stop taking requests, finish everything queued and running, release the instances."""

@@ -30,6 +30,7 @@ class DataPlane:
                  max_inflight_per_model: int = 2048):
         self.router = router
         self.accepting = True
+        self.refused = 0  # requests refused because the server is draining
         self.inflight = 0
         self.max_inflight = max_inflight
         self.max_inflight_per_model = max_inflight_per_model
@@ -52,6 +53,7 @@ class DataPlane:
         self.inflight += 1
         try:
             if not self.accepting:
+                self.refused += 1
                 raise Unavailable("the server is shutting down; retry on another replica")
             if self.inflight > self.max_inflight:
                 raise ResourceExhausted(

@@ -286,6 +286,13 @@ class Repository:
         check_model_name(name)
         await self.unload(name)
 
+    def abandon(self, message: str) -> None:
+        """Answer every request queued or running in any version UNAVAILABLE (``message``)."""
+        error = Unavailable(message)
+        for entry in self.models.values():
+            for served in entry.serving.values():
+                served.batcher.abandon(error)
+
     async def close(self) -> None:
         await asyncio.gather(*(self.unload(name) for name in list(self.models)),
                              return_exceptions=True)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,6 +37,8 @@ from gateway.tls import check_server_files
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+BARRIER_METHOD = "/gateway.drain.Barrier/Wait"  # served by nobody: answered UNIMPLEMENTED
+BARRIER_SETTLE_SECONDS = 1.0  # past the drain, how long stop() waits for callers to go quiet
 
 
 class GatewayServer:
@@ -64,6 +69,8 @@ class GatewayServer:
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
+        self._barrier_dir: Path | None = None  # holds the private socket of the drain barrier
+        self._barrier_address = ""  # set once the server has started
         self.repository.on_change.append(self._model_changed)
 
     def is_ready(self) -> bool:
@@ -96,7 +103,9 @@ class GatewayServer:
             self.grpc_port = self._grpc.add_secure_port(address, server_credentials(s))
         else:
             self.grpc_port = self._grpc.add_insecure_port(address)
+        barrier = self._add_barrier_port()
         await self._grpc.start()
+        self._barrier_address = barrier
         await self.health.set("", NOT_SERVING)
         self.metrics_port = self._start_metrics()
         self.dataplane.observer = _fan_out(self.dataplane.observer, self.control.counter.observe)
@@ -163,23 +172,84 @@ class GatewayServer:
         asyncio.get_running_loop().create_task(self.health.set(name, status))
 
     async def stop(self) -> None:
-        """Drain and stop; safe to call more than once."""
+        """Drain and stop; safe to call more than once.
+
+        Nothing the server accepted is lost. gRPC holds calls it has received but not yet handed
+        to a handler in its own queue, and its shutdown cancels those (the client sees
+        CANCELLED): so before it, a barrier call through a private socket waits until every
+        call received so far has reached a handler. In order: health turns NOT_SERVING; a
+        barrier (what was sent before the signal runs as usual); the data plane refuses new
+        requests with UNAVAILABLE and running ones finish (``drain_seconds``, past which they
+        are answered UNAVAILABLE); barriers until no more calls arrive (each refused); then
+        gRPC stops."""
         if self._grpc is None or self._stopped.is_set():
             return
         self._stopped.set()
         self._ready = False
+        loop = asyncio.get_running_loop()
+        grace = self.settings.drain_seconds
+        deadline = loop.time() + grace
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
-        grace = self.settings.drain_seconds
-        drained = await self.dataplane.drain(grace)
+        await self._barrier(deadline)
+        drained = await self.dataplane.drain(max(deadline - loop.time(), 0.0))
         if not drained:
-            log.warning("drain: requests still running after %.1fs; stopping anyway", grace)
-        await self._grpc.stop(grace=1.0)
+            log.warning("drain: requests still running after %.1fs; answering them UNAVAILABLE",
+                        grace)
+            self.repository.abandon(
+                "the server is shutting down and the request did not finish within its drain "
+                "period; retry on another replica")
+        # Calls that arrived while draining were refused; settle until none arrive any more
+        # (clients stop sending once refused), for at most a second past the drain.
+        settle = loop.time() + BARRIER_SETTLE_SECONDS
+        while True:
+            refused = self.dataplane.refused
+            await self._barrier(settle)
+            if self.dataplane.refused == refused or loop.time() >= settle:
+                break
+        await self._grpc.stop(grace=max(deadline - loop.time(), 1.0))
+        if self._barrier_dir is not None:
+            shutil.rmtree(self._barrier_dir, ignore_errors=True)
         await self.control.stop()
         await self.repository.close()
         if self.monitoring is not None:
             self.monitoring.stop()
+
+    def _add_barrier_port(self) -> str:
+        """A Unix socket in a private directory (only this user reaches it) on the same server:
+        the drain's barrier calls come through it, so they queue behind every call that reached
+        the server before them, whichever port or worker those came to. "" if unavailable."""
+        try:
+            self._barrier_dir = Path(tempfile.mkdtemp(prefix="gateway-"))
+        except OSError as exc:
+            log.warning("no drain barrier (a private socket directory: %s); calls still "
+                        "queued in gRPC at shutdown may be cancelled", exc)
+            return ""
+        address = f"unix:{self._barrier_dir / 'drain.sock'}"
+        if len(address) > 100 or not self._grpc.add_insecure_port(address):
+            log.warning("no drain barrier (cannot listen on %s)", address)
+            return ""
+        return address
+
+    async def _barrier(self, deadline: float) -> None:
+        """Return once every call this server received before now has reached its handler.
+
+        gRPC hands calls to the handlers in the order they arrived (one queue for the methods
+        served by generic handlers, as all of ours are); a call to an unknown method on the
+        private socket is answered UNIMPLEMENTED only once it has been handed over, so its
+        answer means every call before it was too."""
+        if not self._barrier_address:
+            return
+        timeout = max(deadline - asyncio.get_running_loop().time(), 0.05)
+        async with grpc.aio.insecure_channel(self._barrier_address) as channel:
+            try:
+                await channel.unary_unary(BARRIER_METHOD)(b"", timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNIMPLEMENTED,
+                                      grpc.StatusCode.UNAUTHENTICATED):
+                    log.warning("drain barrier: %s (%s); calls still queued in gRPC may be "
+                                "cancelled", exc.code().name, exc.details())
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

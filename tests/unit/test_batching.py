@@ -744,3 +744,28 @@ async def test_when_every_instance_is_stuck_the_version_is_unavailable(make):
         h.submit(3.0)
     assert info.value.message == message
     h.runtime.open()  # the "model" finally returns; close() must not wait for it anyway
+
+
+# ---------------------------------------------------------------- a drain out of time
+
+async def test_abandon_answers_running_forming_and_queued_requests_at_once(make):
+    h = make(max_batch_size=8, instances=2,
+             batching_cfg=BatchingConfig(max_queue_delay_us=600_000_000))
+    a, b = h.runtimes
+    running = [h.submit(0.0, rows=8)]  # a full batch: runs at once on one instance
+    await h.calls(1)
+    forming = [h.submit(1.0)]  # the other instance holds it, waiting for company
+    await h.settle()
+    assert len(a.calls) + len(b.calls) == 1
+    error = Unavailable("the server is shutting down")
+    h.batcher.abandon(error)
+    for f in running + forming:
+        with pytest.raises(Unavailable) as info:
+            await result(f)
+        assert info.value is error
+    assert h.batcher.queue_depth == 0
+    # The model call still finishes on its thread; its result goes nowhere and harms nothing.
+    a.open()
+    b.open()
+    y, _ = await result(h.submit(5.0, rows=8))
+    np.testing.assert_array_equal(y, x_of(6.0, rows=8))

@@ -125,3 +125,12 @@ async def test_drain_refuses_new_requests_and_waits_for_running_ones():
     router.versions["a"].batcher.release()
     assert (await running).outputs[0].data.tolist() == [[2.0, 2.0]]
     assert await drain is True
+
+
+async def test_requests_refused_while_draining_are_counted():
+    plane = DataPlane(FakeRouter("a"))
+    assert await plane.drain(1) is True
+    for _ in range(2):
+        with pytest.raises(Unavailable):
+            await plane.infer(request("a"))
+    assert plane.refused == 2
