@@ -93,6 +93,10 @@ class DataPlane:
             late = request.deadline_ns and now_ns() >= request.deadline_ns - DEADLINE_SLACK_NS
             self._finished(request, served, "DEADLINE_EXCEEDED" if late else "CANCELLED", start)
             raise
+        except Exception:
+            # Our bug: the caller gets INTERNAL (from the protocol edge); it counts as one too.
+            self._finished(request, served, "INTERNAL", start)
+            raise
         finally:
             self.inflight -= 1
             if counted is not None:

@@ -127,6 +127,26 @@ async def test_drain_refuses_new_requests_and_waits_for_running_ones():
     assert await drain is True
 
 
+async def test_an_unexpected_error_is_accounted_as_internal():
+    """A bug on the request path reaches the caller as INTERNAL (the protocol edge maps it):
+    it is counted like every other outcome, in statistics and by the observer."""
+    router = FakeRouter("a")
+    plane = DataPlane(router)
+    seen = []
+    plane.observer = lambda model, served, code, ns: seen.append((model, served is not None, code))
+
+    async def broken(arrays, size):
+        raise KeyError("a bug")
+
+    router.versions["a"].batcher.run_now = broken
+    with pytest.raises(KeyError):
+        await plane.infer(request("a"))
+    assert seen == [("a", True, "INTERNAL")]
+    stats = router.versions["a"].stats
+    assert (stats.success.count, stats.fail.count) == (0, 1)
+    assert plane.inflight == 0 and plane._per_model == {"a": 0}
+
+
 async def test_requests_refused_while_draining_are_counted():
     plane = DataPlane(FakeRouter("a"))
     assert await plane.drain(1) is True
