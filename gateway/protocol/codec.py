@@ -235,15 +235,21 @@ def encode_response(response: InferResponse,
     The size used is an upper bound of the serialized size (each field's tag and length
     prefix counted at their widest)."""
     outputs = response.outputs
-    size = 64 + text_size(response.model) + text_size(response.version) + \
-        text_size(response.id)
+    # A cheap bound first (4 bytes per character); an answer near the limit, or with BYTES
+    # outputs (whose budget must be tight), is measured.
+    size = 64 + 4 * (len(response.model) + len(response.version) + len(response.id))
+    strings = False
     for t in outputs:
         data = t.data
-        size += 32 + text_size(t.name) + len(t.datatype) + 10 * data.ndim
+        size += 32 + 4 * len(t.name) + len(t.datatype) + 10 * data.ndim
         if t.datatype != "BYTES":
             size += data.nbytes
-    if size > limit:
-        _too_large(size, limit)
+        else:
+            strings = True
+    if size > limit or strings:
+        size = _response_size(response)
+        if size > limit:
+            _too_large(size, limit)
     tensors = []
     raw = []
     for t in outputs:
@@ -259,6 +265,17 @@ def encode_response(response: InferResponse,
         raw.append(part)
     return pb.ModelInferResponse(model_name=response.model, model_version=response.version,
                                  id=response.id, outputs=tensors, raw_output_contents=raw)
+
+
+def _response_size(response: InferResponse) -> int:
+    """Upper bound of the encoded size, BYTES contents aside, with text measured in UTF-8."""
+    size = 64 + text_size(response.model) + text_size(response.version) + \
+        text_size(response.id)
+    for t in response.outputs:
+        size += 32 + text_size(t.name) + len(t.datatype) + 10 * t.data.ndim
+        if t.datatype != "BYTES":
+            size += t.data.nbytes
+    return size
 
 
 def text_size(text: str) -> int:
