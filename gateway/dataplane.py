@@ -46,7 +46,10 @@ class DataPlane:
         # with an id for ground-truth feedback (gateway/feedback.py); only enabled models.
         self.feedback: dict = {}
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, encode=None):
+        """The response to one request; with ``encode``, what ``encode(response)`` returns:
+        a protocol's encoding fails inside the accounting, so a response refused there (too
+        large to send) is counted as the error the caller gets, not as OK."""
         start = now_ns()
         served = None
         counted = None
@@ -85,6 +88,9 @@ class DataPlane:
                     keep(request.id, served, outputs, size)
             # Respond with the outputs asked for, named by the version that actually served.
             tensors = [response_tensor(config, i, outputs[i], size) for i in wanted]
+            response = InferResponse(request.model, served.version, request.id, tensors)
+            if encode is not None:
+                response = encode(response)
         except GatewayError as exc:
             self._finished(request, served, exc.code, start)
             raise
@@ -104,7 +110,7 @@ class DataPlane:
             if not self.inflight and not self.accepting:
                 self._idle.set()
         self._finished(request, served, "OK", start)
-        return InferResponse(request.model, served.version, request.id, tensors)
+        return response
 
     def _finished(self, request: InferRequest, served: ServingVersion | None, code: str,
                   start_ns: int) -> None:

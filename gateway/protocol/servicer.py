@@ -78,6 +78,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.repository = repository
         self.ready = ready  # () -> bool: server started and not draining
         self.max_message_bytes = max_message_bytes  # the server's gRPC send limit
+        # Encoding runs inside the data plane's accounting (a response too large to send is
+        # counted as the RESOURCE_EXHAUSTED the caller gets).
+        self._encode = functools.partial(codec.encode_response, limit=max_message_bytes)
         self.stream_inflight = stream_inflight
 
     # ---- inference ------------------------------------------------------------------------
@@ -90,7 +93,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             key = _routing_key(context) if request.model_name in self.policies else None
             remaining = context.time_remaining()
             core = codec.decode_request(request, key, _deadline_ns(remaining))
-            return codec.encode_response(await self.dataplane.infer(core), self.max_message_bytes)
+            return await self.dataplane.infer(core, self._encode)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:

@@ -154,3 +154,28 @@ async def test_requests_refused_while_draining_are_counted():
         with pytest.raises(Unavailable):
             await plane.infer(request("a"))
     assert plane.refused == 2
+
+
+async def test_the_encoding_is_accounted_with_the_request():
+    """A protocol's encoding runs inside the accounting: a response refused there (too large
+    to send) counts as the error the caller gets, not as OK."""
+    router = FakeRouter("a")
+    plane = DataPlane(router)
+    seen = []
+    plane.observer = lambda model, served, code, ns: seen.append(code)
+
+    def refuse(response):
+        raise ResourceExhausted("the response would be 9 bytes, over the limit of 8")
+
+    async def answer(encode):
+        task = asyncio.create_task(plane.infer(request("a"), encode))
+        await settle()
+        router.versions["a"].batcher.release()
+        return await task
+
+    assert await answer(lambda response: ("encoded", response.version)) == ("encoded", "1")
+    with pytest.raises(ResourceExhausted):
+        await answer(refuse)
+    assert seen == ["OK", "RESOURCE_EXHAUSTED"]
+    stats = router.versions["a"].stats
+    assert (stats.success.count, stats.fail.count) == (1, 1)
