@@ -114,6 +114,7 @@ class Batcher:
         self.output_names = output_names
         self.stats = stats
         self._pending = 0
+        self._forming = 0  # workers holding a batch while max_queue_delay lets it grow
         self._wakeup = asyncio.Event()
         self._closed = False
         self._workers: list[asyncio.Task] = []
@@ -170,7 +171,7 @@ class Batcher:
         model that runs on the event loop with nothing waiting. None: submit it instead.
 
         It saves the hand-over to the worker task and back (two task switches per request)."""
-        if not self.inline or self._pending or self._closed or self._stuck:
+        if not self.inline or self._pending or self._forming or self._closed or self._stuck:
             return None
         loop = asyncio.get_running_loop()
         item = QueuedRequest(inputs, size, (), loop.create_future(), now_ns(), 0, True, 0)
@@ -210,18 +211,24 @@ class Batcher:
                 continue
             instance.batch = batch
             if self.delay_ns and size < self.target:
-                until = batch[0].enqueued_ns + self.delay_ns
-                while size < self.target and (remaining := until - now_ns()) > 0:
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), remaining / 1e9)
-                    except TimeoutError:
-                        pass
-                    if self._closed:  # unloading: run what is here, now
-                        break
-                    more, added = self._take(self.target - size, batch[0].key)
-                    batch += more
-                    size += added
+                # While this batch waits for company, later requests must queue behind it
+                # (run_now sees _forming), never overtake it.
+                self._forming += 1
+                try:
+                    until = batch[0].enqueued_ns + self.delay_ns
+                    while size < self.target and (remaining := until - now_ns()) > 0:
+                        self._wakeup.clear()
+                        try:
+                            await asyncio.wait_for(self._wakeup.wait(), remaining / 1e9)
+                        except TimeoutError:
+                            pass
+                        if self._closed:  # unloading: run what is here, now
+                            break
+                        more, added = self._take(self.target - size, batch[0].key)
+                        batch += more
+                        size += added
+                finally:
+                    self._forming -= 1
             if self.preferred and size not in self.preferred:
                 self._put_back(batch, size)
             return batch

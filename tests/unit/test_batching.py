@@ -769,3 +769,23 @@ async def test_abandon_answers_running_forming_and_queued_requests_at_once(make)
     b.open()
     y, _ = await result(h.submit(5.0, rows=8))
     np.testing.assert_array_equal(y, x_of(6.0, rows=8))
+
+
+# ---------------------------------------------------------------- run_now keeps the order
+
+async def test_run_now_never_overtakes_a_batch_being_formed(make):
+    """With a queue delay, a worker holds the first request while the batch grows: a later
+    request must join that batch, not run at once ahead of it (the batch would never form)."""
+    h = make(max_batch_size=4, batching_cfg=BatchingConfig(max_queue_delay_us=600_000_000),
+             blocked=False)
+    h.batcher.inline = True
+    first = h.submit(1.0)
+    await h.settle()
+    assert h.batcher.queue_depth == 0 and h.runtime.calls == []  # taken, waiting for company
+    assert await h.batcher.run_now([x_of(2.0)], 1) is None
+    later = [h.submit(float(v)) for v in (2, 3, 4)]
+    await asyncio.gather(*map(result, [first, *later]))
+    assert h.runtime.batch_rows == [[1.0, 2.0, 3.0, 4.0]]
+    (y, _) = await h.batcher.run_now([x_of(5.0)], 1)  # nothing queued or forming: at once
+    np.testing.assert_array_equal(y, x_of(6.0))
+    assert h.runtime.batch_rows[-1] == [5.0]
