@@ -15,16 +15,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gateway.errors import FailedPrecondition, InvalidArgument, NotFound
+from gateway.errors import FailedPrecondition, InvalidArgument, NotFound, echo
 
-URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w\-]+))$")
+# Used with fullmatch ("$" would let a trailing newline through); no control characters.
+URI = re.compile(r"models:/(?P<name>[^/@\x00-\x1f\x7f]+)(?:/(?P<version>\d+)|@(?P<alias>[\w\-]+))",
+                 re.ASCII)
 
 
 def fetch(uri: str, workdir: Path) -> tuple[Path, dict]:
     """Download the model behind ``uri`` into ``workdir``: (onnx file, metadata)."""
-    match = URI.match(uri.strip())
+    match = URI.fullmatch(uri.strip())
     if match is None:
-        raise InvalidArgument(f"{uri!r} is not an MLflow model URI like models:/NAME/VERSION "
+        raise InvalidArgument(f"'{echo(uri)}' is not an MLflow model URI like models:/NAME/VERSION "
                               "or models:/NAME@ALIAS")
     try:
         import mlflow

@@ -18,7 +18,7 @@ import random
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-from gateway.errors import InvalidArgument, Unavailable
+from gateway.errors import InvalidArgument, Unavailable, echo
 from gateway.repository import ModelEntry, Repository, ServingVersion
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,9 @@ def normalise_weights(weights: dict[str, float]) -> dict[str, int]:
         raise InvalidArgument("a split needs at least one VERSION=WEIGHT")
     for version, weight in weights.items():
         if not version.isdigit() or int(version) <= 0:
-            raise InvalidArgument(f"version {version!r} is not a positive integer")
+            raise InvalidArgument(f"version '{echo(version)}' is not a positive integer")
         if not weight >= 0:  # also refuses NaN
-            raise InvalidArgument(f"weight of version {version} must not be negative")
+            raise InvalidArgument(f"weight of version {echo(version)} must not be negative")
     total = sum(weights.values())
     if abs(total - 100) < 1e-6:
         scale = SLOTS / 100
@@ -164,7 +164,7 @@ class Router:
             if version not in entry.serving:
                 state = entry.reasons.get(version)
                 raise InvalidArgument(
-                    f"model '{model}' version {version} is not serving"
+                    f"model '{model}' version {echo(version)} is not serving"
                     + (f" ({state})" if state else "")
                     + f"; serving versions: {', '.join(sorted(entry.serving, key=int)) or 'none'}")
         if policy.shadow and not 0 < policy.shadow.percent <= 100:
