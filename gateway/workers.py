@@ -7,13 +7,19 @@ own copy of the models and serves metrics on its own port (metrics port + worker
 Traffic splits and rollouts stay consistent through the shared state file. SIGTERM/SIGINT to
 the supervisor is passed on to every worker, which drain as one would alone; so is SIGHUP, which
 re-reads --auth-tokens (or is logged and ignored) and never stops a worker or the supervisor.
+
+SO_REUSEPORT would as gladly let a second fleet (or anyone of the same user) join the port and
+take a share of its connections: the supervisor first checks that nothing listens there yet, and
+refuses to start if something does.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import replace
 
@@ -26,6 +32,12 @@ def run_workers(settings: Settings, count: int, run_one) -> int:
     """Fork ``count`` workers running ``run_one(settings)``; wait for all; worst exit code."""
     if "grpc" in sys.modules:
         raise RuntimeError("workers must be forked before grpc is imported")
+    taken = listening_on(settings.host, settings.grpc_port)
+    if taken:
+        print(f"gateway serve: {taken} is already in use by another process; --workers shares "
+              "a port only among its own workers: stop the other server or choose another "
+              "--grpc-port", file=sys.stderr)
+        return 1
     children: dict[int, int] = {}
 
     def forward(signum, _frame):
@@ -73,3 +85,26 @@ def run_workers(settings: Settings, count: int, run_one) -> int:
             log.error("worker %s exited with %s", index, code)
         worst = max(worst, abs(code))
     return worst
+
+
+def listening_on(host: str, port: int) -> str | None:
+    """"HOST:PORT" if some socket already listens where ``host``:``port`` would bind, else None.
+
+    A probe binds without SO_REUSEPORT (with SO_REUSEADDR, so connections of an earlier server
+    in TIME_WAIT do not count): the kernel refuses it only if a socket listens there, whichever
+    options that one set. Addresses that cannot be probed are left for the server to report."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except OSError:
+        return None
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                shown = f"[{address[0]}]" if family == socket.AF_INET6 else address[0]
+                return f"{shown}:{port}"
+    return None
