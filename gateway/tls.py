@@ -65,6 +65,19 @@ def check_server_files(cert: Path, key: Path, client_ca: Path | None = None) -> 
     check_key_pair(cert, key)
 
 
+def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    """TLS for the HTTP port from the gRPC port's files: the same certificate, and with a
+    client CA the same requirement that clients present a certificate it signed."""
+    check_server_files(cert, key, client_ca)  # ValueError naming the file
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert), str(key))
+    if client_ca is not None:
+        context.load_verify_locations(cafile=str(client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def check_certificates(path: Path, what: str) -> None:
     """ValueError unless ``path`` holds at least one PEM certificate."""
     try:
