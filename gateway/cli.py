@@ -35,6 +35,7 @@ def _serve(args) -> int:
         "host": args.host,
         "grpc_port": args.grpc_port,
         "metrics_port": args.metrics_port,
+        "http_port": args.http_port,
         "gpu_sample_interval": args.gpu_sample_interval,
         "drift_interval": args.drift_interval,
         "control_mode": args.control_mode,
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-repository", type=Path, help="Triton-layout repository directory")
     serve.add_argument("--host", help="address to bind (default 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8001; 0 = any free)")
+    serve.add_argument("--http-port", type=int,
+                       help="KServe V2 over HTTP/REST, for curl and tritonclient.http (default "
+                            "8000; 0 = any free; -1 = off)")
     serve.add_argument("--metrics-port", type=int,
                        help="Prometheus port (default 8002; 0 = any free; -1 = off, and with "
                             "it all monitoring: statistics, drift, hooks)")

@@ -18,6 +18,7 @@ class Settings:
     host: str = "0.0.0.0"
     grpc_port: int = 8001  # 0 picks a free port (tests)
     metrics_port: int = 8002  # 0 picks a free port; -1 turns the metrics endpoint off
+    http_port: int = 8000  # KServe V2 over HTTP/REST; 0 picks a free port; -1 turns it off
     gpu_sample_interval: float = 5.0  # seconds between NVML samples; 0 = no GPU metrics
     drift_interval: float = 1.0  # seconds between input statistics / drift updates
     control_mode: str = "none"
@@ -69,6 +70,8 @@ class Settings:
             raise ValueError(f"gRPC port {self.grpc_port} is not 0-65535")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port {self.metrics_port} is not -1 (off) or 0-65535")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"HTTP port {self.http_port} is not -1 (off) or 0-65535")
         if self.workers < 1 or self.cpu_threads < 1:
             raise ValueError("workers and CPU threads must be at least 1")
         if self.max_inflight < 1 or self.max_inflight_per_model < 1:

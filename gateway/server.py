@@ -64,6 +64,8 @@ class GatewayServer:
                               else None)
         self.grpc_port = 0
         self.metrics_port = 0
+        self.http_port = -1
+        self._http = None  # gateway.protocol.http.HttpFrontend when --http-port is not -1
         self.monitoring = None
         self._ready = False
         self._grpc: grpc.aio.Server | None = None
@@ -108,6 +110,14 @@ class GatewayServer:
         self._barrier_address = barrier
         await self.health.set("", NOT_SERVING)
         self.metrics_port = self._start_metrics()
+        if s.http_port >= 0:  # KServe V2 over HTTP: the same data plane, auth and limits
+            from gateway.protocol.http import HttpFrontend
+            from gateway.tls import server_context
+
+            self._http = HttpFrontend(self.dataplane, self.repository, self.is_ready,
+                                      self.authenticator, s.max_message_bytes)
+            tls = server_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
+            self.http_port = await self._http.start(s.host, s.http_port, tls, s.reuse_port)
         self.dataplane.observer = _fan_out(self.dataplane.observer, self.control.counter.observe)
         # The stored splits first: the first request after a model loads must already follow
         # them (a 5% canary must not take 100% while the state is read).
@@ -208,6 +218,8 @@ class GatewayServer:
             await self._barrier(settle)
             if self.dataplane.refused == refused or loop.time() >= settle:
                 break
+        if self._http is not None:
+            await self._http.stop()
         await self._grpc.stop(grace=max(deadline - loop.time(), 1.0))
         if self._barrier_dir is not None:
             shutil.rmtree(self._barrier_dir, ignore_errors=True)
@@ -298,7 +310,7 @@ async def serve(settings: Settings) -> int:
         return 1
     worker = f" worker {settings.worker_index}" if settings.reuse_port else ""
     print(f"gateway ready: grpc {settings.host}:{server.grpc_port} "
-          f"metrics {server.metrics_port}{worker}", flush=True)
+          f"metrics {server.metrics_port} http {server.http_port}{worker}", flush=True)
     await stop_requested.wait()
     log.info("shutting down: draining in-flight requests")
     await server.stop()
