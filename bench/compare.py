@@ -124,6 +124,7 @@ def main(argv=None) -> int:
         floor, floor_port = start([sys.executable, "-m", "bench.floor"], r"floor ready: grpc \S+:(\d+)")
         gateway, gw_port = start([sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
                                   "--grpc-port", str(free_port()), "--metrics-port", "-1",
+                                  "--http-port", "-1",
                                   "--model-repository", str(repo), "--log-level", "WARNING",
                                   *args.gateway_arg], r"gateway ready: grpc \S+:(\d+)")
         try:

@@ -62,7 +62,8 @@ def main(argv=None) -> int:
         repo = build_repository(Path(tmp), args.model, args.instances)
         pin = ["taskset", "-c", "1"] if args.pin else []
         base = [*pin, sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
-                "--grpc-port", "0", "--model-repository", str(repo), "--log-level", "WARNING",
+                "--grpc-port", "0", "--http-port", "-1", "--model-repository", str(repo),
+                "--log-level", "WARNING",
                 "--state-dir", str(Path(tmp) / "state")]
         metrics_port = _free_port()
         on_port = "-1" if args.aa else str(metrics_port)

@@ -69,7 +69,7 @@ def floor():
 def gateway(repository=None, extra=()):
     """``gateway serve`` (this checkout's) on a free port, metrics off; yields its URL."""
     cmd = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-           "--metrics-port", "-1", "--log-level", "WARNING", *extra]
+           "--metrics-port", "-1", "--http-port", "-1", "--log-level", "WARNING", *extra]
     if repository is not None:
         cmd += ["--model-repository", str(repository)]
     proc, port = start(cmd, r"gateway ready: grpc \S+:(\d+)")

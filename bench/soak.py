@@ -117,7 +117,8 @@ def run(minutes: float, clients: int, interval: float, bad_every: int) -> dict:
         publish(repo, 1, 1)
         publish(repo, 2, 2)
         gateway, port = start([sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
-                               "--grpc-port", "0", "--metrics-port", "0", "--model-repository",
+                               "--grpc-port", "0", "--metrics-port", "0", "--http-port", "-1",
+                               "--model-repository",
                                str(repo), "--control-mode", "poll", "--poll-interval", "1",
                                "--log-level", "WARNING"], r"gateway ready: grpc \S+:(\d+)")
         url = f"127.0.0.1:{port}"
