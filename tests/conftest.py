@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-READY_LINE = re.compile(r"gateway ready: grpc (\S+):(\d+) metrics (-?\d+)")
+READY_LINE = re.compile(r"gateway ready: grpc (\S+):(\d+) metrics (-?\d+)(?: http (-?\d+))?")
 
 
 @dataclass
@@ -26,10 +26,16 @@ class RunningGateway:
     port: int
     metrics_port: int
     output: deque = field(default_factory=lambda: deque(maxlen=2000))
+    http_port: int = -1  # -1: HTTP off (or a gateway that does not print it)
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """host:port of the HTTP/REST endpoint (tritonclient.http's url: no scheme)."""
+        return f"127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         return "\n".join(self.output)
@@ -46,7 +52,7 @@ def start_gateway(repository: Path | None = None, *args: str, env: dict | None =
                   timeout: float = 90.0):
     """Run ``gateway serve`` on ephemeral ports; yield once it reports ready; stop it after."""
     cmd = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
-           "--grpc-port", "0", "--metrics-port", "0", *args]
+           "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0", *args]
     if repository is not None:
         cmd += ["--model-repository", str(repository)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -62,6 +68,7 @@ def start_gateway(repository: Path | None = None, *args: str, env: dict | None =
             m = READY_LINE.search(line)
             if m and not ready.is_set():
                 found["port"], found["metrics"] = int(m.group(2)), int(m.group(3))
+                found["http"] = int(m.group(4)) if m.group(4) is not None else -1
                 ready.set()
         ready.set()
 
@@ -73,7 +80,8 @@ def start_gateway(repository: Path | None = None, *args: str, env: dict | None =
                 raise RuntimeError("gateway did not become ready:\n" + "\n".join(lines))
         if "port" not in found:
             raise RuntimeError("gateway exited before ready:\n" + "\n".join(lines))
-        gateway = RunningGateway(proc, found["port"], found["metrics"], lines)
+        gateway = RunningGateway(proc, found["port"], found["metrics"], lines,
+                                 http_port=found["http"])
         yield gateway
     finally:
         if proc.poll() is None:
