@@ -24,7 +24,7 @@ class Settings:
     control_mode: str = "none"
     load_models: tuple[str, ...] = ()  # explicit mode: models loaded at start ("*" = all)
     poll_interval: float = 5.0  # seconds between repository scans in poll mode
-    state_poll_interval: float = 1.0  # seconds between checks of the shared traffic state file
+    state_poll_interval: float = 0.2  # seconds between checks of the file store's state.json
     max_message_bytes: int = 64 * 1024 * 1024
     drain_seconds: float = 30.0  # grace for in-flight requests on SIGTERM
     cpu_threads: int = 1  # ORT intra-op threads of each CPU model instance

@@ -24,6 +24,7 @@ from gateway.config import Settings
 from gateway.control import ControlPlane, open_store
 from gateway.control.filestore import FileStore
 from gateway.dataplane import DataPlane
+from gateway.errors import Unavailable
 from gateway.feedback import FeedbackCollector, FeedbackStore
 from gateway.protocol.admin import AdminServicer
 from gateway.protocol.pb import gateway_admin_pb2, grpc_service_pb2
@@ -39,6 +40,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 BARRIER_METHOD = "/gateway.drain.Barrier/Wait"  # served by nobody: answered UNIMPLEMENTED
 BARRIER_SETTLE_SECONDS = 1.0  # past the drain, how long stop() waits for callers to go quiet
+EMPTY_POLLS = 3  # polls in a row that must find the repository empty before all models unload
 
 
 class GatewayServer:
@@ -89,7 +91,8 @@ class GatewayServer:
         ]
         interceptors = [AuthInterceptor(self.authenticator)] if self.authenticator else []
         self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
-        add_servicer(self._grpc, InferenceServicer(self.dataplane, self.repository, self.is_ready),
+        add_servicer(self._grpc, InferenceServicer(self.dataplane, self.repository, self.is_ready,
+                                                   max_message_bytes=s.max_message_bytes),
                      grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
         add_servicer(self._grpc, AdminServicer(self.control, self.registry, self.feedback),
                      gateway_admin_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"])
@@ -121,7 +124,7 @@ class GatewayServer:
         self.dataplane.observer = _fan_out(self.dataplane.observer, self.control.counter.observe)
         # The stored splits first: the first request after a model loads must already follow
         # them (a 5% canary must not take 100% while the state is read).
-        await self.control.start(s.state_poll_interval, s.state_start_wait)
+        await self.control.start(wait_s=s.state_start_wait)
         await self._load_initial_models()
         if s.control_mode == "poll":
             self._tasks.append(asyncio.create_task(self._poll(), name="repository-poll"))
@@ -145,30 +148,62 @@ class GatewayServer:
 
     async def _load_initial_models(self) -> None:
         s = self.settings
-        if s.control_mode == "explicit":
-            names = self.repository.scan() if "*" in s.load_models else list(s.load_models)
+        loop = asyncio.get_running_loop()
+        try:
+            on_disk = await loop.run_in_executor(None, self.repository.snapshot)
+        except Unavailable as exc:  # gone since the settings were checked: poll retries
+            log.error("%s", exc.message)
+            on_disk = {}
+        if s.control_mode == "explicit" and "*" not in s.load_models:
+            names = list(s.load_models)
         else:
-            names = self.repository.scan()
+            names = list(on_disk)
         for name in names:
             try:
                 await self.repository.load(name)
             except Exception as exc:  # a bad name or directory never stops the server
                 log.error("model '%s' not loaded: %s", name, getattr(exc, "message", exc))
-        self._signatures = {n: self.repository.disk_signature(n) for n in self.repository.scan()}
+        self._signatures = on_disk
 
     async def _poll(self) -> None:
-        """Poll mode: reload models whose files changed, load new ones, unload removed ones."""
+        """Poll mode: reload models whose files changed, load new ones, unload removed ones.
+
+        A repository that cannot be read (moved, unmounted, no permission) changes nothing:
+        the loaded models keep serving, the error is logged when the outage starts (and again
+        each minute while it lasts), and polling goes on. A poll that finds the repository
+        empty while models serve (an unmounted volume leaves an empty mount point) unloads
+        them only if it is still empty ``EMPTY_POLLS`` polls in a row."""
+        loop = asyncio.get_running_loop()
+        outage, logged, empty = "", 0.0, 0
         while True:
             await asyncio.sleep(self.settings.poll_interval)
             try:
-                on_disk = self.repository.scan()
-                for name in on_disk:
-                    signature = self.repository.disk_signature(name)
+                try:
+                    on_disk = await loop.run_in_executor(None, self.repository.snapshot)
+                except Unavailable as exc:
+                    if exc.message != outage or loop.time() - logged >= 60:
+                        log.error("repository poll: %s; retrying every %gs", exc.message,
+                                  self.settings.poll_interval)
+                        outage, logged = exc.message, loop.time()
+                    continue
+                if outage:
+                    log.warning("the model repository can be read again; polling resumes")
+                    outage = ""
+                serving = [n for n, e in self.repository.models.items() if e.serving]
+                if serving and not on_disk:
+                    empty += 1
+                    if empty < EMPTY_POLLS:
+                        log.error("the model repository is empty (an unmounted volume?); %d "
+                                  "loaded models keep serving, and unload if it is still empty "
+                                  "at %d more polls", len(serving), EMPTY_POLLS - empty)
+                        continue
+                empty = 0
+                for name, signature in on_disk.items():
                     if self._signatures.get(name) != signature:
                         self._signatures[name] = signature
                         await self.repository.load(name)
-                for name in list(self.repository.models):
-                    if name not in on_disk and self.repository.models[name].serving:
+                for name in serving:
+                    if name not in on_disk:
                         self._signatures.pop(name, None)
                         await self.repository.unload(name)
             except asyncio.CancelledError:

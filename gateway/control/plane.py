@@ -40,8 +40,9 @@ class ControlPlane:
                          else RolloutController(self, lease_s))
         self._tasks: list[asyncio.Task] = []
 
-    async def start(self, follow_interval: float = 1.0, wait_s: float = START_WAIT_S) -> None:
-        """Read the state (retrying up to ``wait_s``), then follow it and run the judge."""
+    async def start(self, judge_interval: float = 1.0, wait_s: float = START_WAIT_S) -> None:
+        """Read the state (retrying up to ``wait_s``), then follow it and run the judge every
+        ``judge_interval`` seconds."""
         deadline = asyncio.get_running_loop().time() + wait_s
         while True:
             try:
@@ -54,7 +55,7 @@ class ControlPlane:
                     break
                 await asyncio.sleep(0.5)
         self._tasks = [asyncio.create_task(self.follow(), name="state-follow"),
-                       asyncio.create_task(self.rollouts.run(follow_interval), name="rollouts")]
+                       asyncio.create_task(self.rollouts.run(judge_interval), name="rollouts")]
 
     async def refresh(self) -> Snapshot:
         """Read the whole state and serve it."""

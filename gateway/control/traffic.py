@@ -18,7 +18,7 @@ import logging
 import time
 
 from gateway.control.store import CHECK, Change, Snapshot
-from gateway.errors import FailedPrecondition, InvalidArgument
+from gateway.errors import FailedPrecondition, InvalidArgument, echo
 from gateway.routing import Router, Shadow, TrafficPolicy, normalise_weights
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class TrafficControl:
     async def set_shadow(self, model: str, version: str, percent: float,
                          who: str) -> TrafficPolicy:
         if not version.isdigit():
-            raise InvalidArgument(f"shadow version {version!r} is not a positive integer")
+            raise InvalidArgument(f"shadow version '{echo(version)}' is not a positive integer")
         shadow = Shadow(version, float(percent))
         return await self._change(model, who, "shadow",
                                   lambda p: TrafficPolicy(p.weights, shadow))
