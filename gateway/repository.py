@@ -10,6 +10,7 @@ Readers (the data plane) see each model's serving versions as an immutable snaps
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 from dataclasses import dataclass, field
@@ -118,11 +119,20 @@ class Repository:
         return path
 
     def scan(self) -> list[str]:
-        """Model names present on disk (directories with a valid name)."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and valid_model_name(p.name))
+        """Model names present on disk (directories with a valid name).
+
+        Unavailable, with the reason, when the root itself cannot be read (moved, unmounted,
+        no permission): that is never "no models"."""
+        try:
+            children = list(self.root.iterdir())
+        except OSError as exc:
+            raise Unavailable(f"the model repository cannot be read ({unreadable(exc)}); "
+                              "the loaded models keep serving") from None
+        return sorted(p.name for p in children if p.is_dir() and valid_model_name(p.name))
+
+    def snapshot(self) -> dict[str, tuple]:
+        """{model: disk signature} of every model on disk (blocking: run it off the loop)."""
+        return {name: self.disk_signature(name) for name in self.scan()}
 
     def _disk_state(self, name: str):
         """(config proto, explicit batch flag, {version: (file, signature)}) read from disk."""
@@ -338,6 +348,17 @@ def file_signature(path: Path):
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size)
+
+
+def unreadable(exc: OSError) -> str:
+    """Why a directory cannot be read, for an operator, without its path."""
+    if exc.errno == errno.ENOENT:
+        return "it does not exist: moved or unmounted?"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.ENOTDIR:
+        return "it is not a directory"
+    return exc.strerror or type(exc).__name__
 
 
 def _why_unavailable(entry: ModelEntry, name: str) -> str:

@@ -204,6 +204,7 @@ class GatewayServer:
                         await self.repository.load(name)
                 for name in serving:
                     if name not in on_disk:
+                        log.info("model '%s' left the repository: unloading", name)
                         self._signatures.pop(name, None)
                         await self.repository.unload(name)
             except asyncio.CancelledError:

@@ -1,5 +1,6 @@
 """Fault behaviour: disconnecting clients free their slots; load/unload cycles keep memory flat;
-a hung model call takes only its instance out of service."""
+a hung model call takes only its instance out of service; in poll mode, a repository that
+vanishes for a while or a version file copied over in place never stops a model serving."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from support import busy_inputs, raises, start_gateway, wait_for
+from support import (
+    TIMEOUT,
+    busy_inputs,
+    index_rows,
+    model_file,
+    raises,
+    reference,
+    start_gateway,
+    wait_for,
+)
 from tritonclient.utils import InferenceServerException
 
 from bench import models
@@ -79,3 +89,70 @@ def test_a_hung_model_call_takes_only_its_instance_out(tmp_path):
             assert client.infer("busy", busy_inputs(1)).as_numpy("OUTPUT0").shape == (1, 4)
         wait_for(lambda: "is stuck in a model call and is out of service" in gw.log(),
                  what="the log line")
+
+
+# ---- poll mode: the repository under the server's feet -----------------------------------------
+
+SMALL = (8, 16, 4)
+
+
+def small_inputs(x: np.ndarray):
+    t = grpcclient.InferInput("input", list(x.shape), "FP32")
+    t.set_data_from_numpy(x)
+    return [t]
+
+
+def answers_like(client, path, x: np.ndarray) -> bool:
+    """Whether the served model answers ``x`` as the model file at ``path`` does."""
+    got = client.infer("m", small_inputs(x), client_timeout=TIMEOUT).as_numpy("output")
+    (expected,) = reference(path, {"input": x})
+    return bool(np.allclose(got, expected, rtol=1e-5, atol=1e-6))
+
+
+def poll_gateway(tmp_path):
+    return start_gateway(tmp_path / "repo", "--control-mode", "poll", "--poll-interval", "0.2",
+                         "--state-dir", str(tmp_path / "state"))
+
+
+def test_a_repository_that_vanishes_keeps_its_models_serving(tmp_path):
+    repo = tmp_path / "repo"
+    models.make_version(repo, "m", 1, models.build_mlp, SMALL)
+    models.write_config(repo / "m", "max_batch_size: 4")
+    x = np.ones((1, SMALL[0]), np.float32)
+    with poll_gateway(tmp_path) as gw, grpcclient.InferenceServerClient(gw.url) as client:
+        reference_copy = tmp_path / "reference.onnx"
+        reference_copy.write_bytes(model_file(repo, "m").read_bytes())
+        repo.rename(tmp_path / "moved")  # a mv, or an unmount: the root is gone
+        wait_for(lambda: "the model repository cannot be read" in gw.log(), what="the outage")
+        for _ in range(5):  # polls go on; the model keeps serving
+            assert answers_like(client, reference_copy, x)
+        assert client.is_model_ready("m")
+        with raises("UNAVAILABLE", "the model repository cannot be read (it does not exist: "
+                    "moved or unmounted?); the loaded models keep serving"):
+            client.get_model_repository_index()
+        (tmp_path / "moved").rename(repo)
+        wait_for(lambda: "the model repository can be read again" in gw.log(), what="recovery")
+        assert index_rows(client)[("m", "1")] == ("READY", "")
+        assert answers_like(client, reference_copy, x)
+    assert gw.log().count("the model repository cannot be read") == 1, gw.log()  # once an outage
+    assert "retiring" not in gw.log()
+
+
+def test_an_empty_repository_unloads_only_once_confirmed(tmp_path):
+    """An unmounted volume leaves an empty mount point: the models keep serving for a few
+    polls; only a repository that stays empty unloads them."""
+    repo = tmp_path / "repo"
+    models.make_version(repo, "m", 1, models.build_mlp, SMALL)
+    x = np.ones((1, SMALL[0]), np.float32)
+    with poll_gateway(tmp_path) as gw, grpcclient.InferenceServerClient(gw.url) as client:
+        repo.rename(tmp_path / "moved")
+        repo.mkdir()
+        wait_for(lambda: not client.is_model_ready("m"), what="the model to unload")
+        log = gw.log()
+        first = log.index("the model repository is empty (an unmounted volume?); 1 loaded "
+                          "models keep serving, and unload if it is still empty at 2 more polls")
+        second = log.index("unload if it is still empty at 1 more polls")
+        assert first < second < log.index("model 'm' left the repository: unloading"), log
+        with raises("UNAVAILABLE", "model 'm' is not available: unloaded"):
+            client.infer("m", small_inputs(x), client_timeout=TIMEOUT)
+
