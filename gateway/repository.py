@@ -213,12 +213,17 @@ class Repository:
             except ModelLoadError as exc:
                 log.error("model '%s' version %s failed to load: %s", name, key, exc)
                 reasons[key] = str(exc)
-                self._load_failed(name, key, reasons[key])
-                continue
             except Exception as exc:  # an unexpected loader failure must not stop the server
                 log.exception("model '%s' version %s failed to load", name, key)
                 reasons[key] = f"unexpected load failure ({type(exc).__name__})"
+            if key in reasons:
                 self._load_failed(name, key, reasons[key])
+                if current is not None:
+                    # A failed reload (a file being copied over in place): the copy that works
+                    # keeps serving until a new one loads.
+                    log.error("model '%s' version %s: its previous copy keeps serving", name, key)
+                    reasons[key] = f"reload failed, the previous copy serves: {reasons[key]}"
+                    new_serving[key] = current
                 continue
             config = loaded.config
             stats = ModelStats()
@@ -319,8 +324,8 @@ class Repository:
                 continue
             if entry.loading and not entry.serving:
                 rows.append((name, "", "LOADING", ""))
-            for version in sorted(entry.serving, key=int):
-                rows.append((name, version, "READY", ""))
+            for version in sorted(entry.serving, key=int):  # a reason: a failed reload
+                rows.append((name, version, "READY", entry.reasons.get(version, "")))
             for version, reason in sorted(entry.reasons.items()):
                 if version not in entry.serving:
                     rows.append((name, version, "UNAVAILABLE", reason))

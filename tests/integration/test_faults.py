@@ -156,3 +156,28 @@ def test_an_empty_repository_unloads_only_once_confirmed(tmp_path):
         with raises("UNAVAILABLE", "model 'm' is not available: unloaded"):
             client.infer("m", small_inputs(x), client_timeout=TIMEOUT)
 
+
+def test_a_version_copied_over_in_place_keeps_its_old_copy_until_the_new_one_loads(tmp_path):
+    repo = tmp_path / "repo"
+    models.make_version(repo, "m", 1, models.build_mlp, SMALL, seed=1)
+    models.make_version(repo, "m", 2, models.build_mlp, SMALL, seed=2)
+    models.write_config(repo / "m", "max_batch_size: 4\nversion_policy { all { } }")
+    old = tmp_path / "old-2.onnx"
+    old.write_bytes(model_file(repo, "m", 2).read_bytes())
+    new = models.build_mlp(tmp_path / "new-2.onnx", SMALL, seed=3)
+    x = np.linspace(-1, 1, SMALL[0], dtype=np.float32).reshape(1, -1)
+    with poll_gateway(tmp_path) as gw, grpcclient.InferenceServerClient(gw.url) as client:
+        assert answers_like(client, old, x)
+        complete = new.read_bytes()
+        model_file(repo, "m", 2).write_bytes(complete[: len(complete) // 2])  # copy under way
+        wait_for(lambda: index_rows(client)[("m", "2")][1], what="the failed reload")
+        state, reason = index_rows(client)[("m", "2")]
+        assert state == "READY", reason
+        assert reason.startswith("reload failed, the previous copy serves: onnxruntime could "
+                                 "not load the model"), reason
+        assert answers_like(client, old, x)  # the working copy still answers
+        assert client.is_model_ready("m", "2") and client.is_model_ready("m", "1")
+        model_file(repo, "m", 2).write_bytes(complete)  # the copy completes
+        wait_for(lambda: index_rows(client)[("m", "2")] == ("READY", ""), what="the new copy")
+        assert answers_like(client, new, x)
+    assert "model 'm' version 2: its previous copy keeps serving" in gw.log()
