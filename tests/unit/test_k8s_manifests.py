@@ -2,7 +2,7 @@
 bundled schemas, offline, strict: unknown fields are errors), the kustomization renders, and the
 manifests agree with the product and with each other: ports and probe port, GATEWAY_* names
 that are real settings, the drain inside the termination grace period, a GPU per replica, the
-shared repository and state on one ReadWriteMany volume, Service selectors and ports, and an
+shared repository on one ReadWriteMany volume, operator state in the Redis they run, Service selectors and ports, and an
 autoscaler on per-pod metrics the gateway exports, mapped by the Prometheus adapter rules."""
 
 from __future__ import annotations
@@ -174,20 +174,36 @@ def test_one_gpu_per_replica(container):
     assert resources["requests"].get("nvidia.com/gpu", 1) == 1  # must equal the limit if set
 
 
-def test_the_repository_and_state_share_one_readwritemany_volume(resources, deployment,
-                                                                 container, env):
+def test_the_repository_is_one_readwritemany_volume(resources, deployment, container, env):
     pvc = one(resources, "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     settings = from_environment(env)
     mount = mounts[str(settings.model_repository)]
-    assert not mount.get("readOnly", False), "the state directory on it is written"
+    assert not mount.get("readOnly", False), "publishing writes versions onto it"
     assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == \
         pvc["metadata"]["name"]
-    state = settings.state_directory()
-    assert state.is_relative_to(settings.model_repository), \
-        f"state {state} is not on the shared volume: replicas would not share splits"
+
+
+def test_operator_state_is_in_the_redis_the_manifests_run(resources, container, env):
+    """Replicas share splits and rollouts through Redis, not a lock file on a shared volume."""
+    url = env["GATEWAY_STATE_URL"]
+    match = re.fullmatch(r"redis://([\w-]+):(\d+)/\d+", url)
+    assert match, url
+    service = one(resources, "Service", match.group(1))
+    assert any(p["port"] == int(match.group(2)) for p in service["spec"]["ports"])
+    store = one(resources, "StatefulSet", match.group(1))
+    labels = store["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    redis = store["spec"]["template"]["spec"]["containers"][0]
+    assert "--appendonly yes" in " ".join(redis["command"]), "a restart must keep the state"
+    claim = store["spec"]["volumeClaimTemplates"][0]
+    assert {m["name"] for m in redis["volumeMounts"]} == {claim["metadata"]["name"]}
+    secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]
+              if "valueFrom" in e}
+    assert secret["GATEWAY_STATE_PASSWORD"]["name"] == "gateway-redis"
+    assert "GATEWAY_STATE_DIR" not in env
 
 
 def test_the_pod_runs_as_the_images_user(deployment):
@@ -202,7 +218,9 @@ def test_services_select_the_pods_and_name_real_ports(resources, deployment, con
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector.items() <= labels.items()
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
-    services = {s["metadata"]["name"]: s for s in resources if s["kind"] == "Service"}
+    services = {s["metadata"]["name"]: s for s in resources if s["kind"] == "Service"
+                and s["spec"]["selector"].get("app.kubernetes.io/component") ==
+                labels.get("app.kubernetes.io/component")}  # not the state store's
     for service in services.values():
         assert service["spec"]["selector"].items() <= labels.items(), service["metadata"]
         for p in service["spec"]["ports"]:
