@@ -14,6 +14,7 @@ or as binary data after the JSON when asked (``binary_data`` per output, or the 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from math import prod
 
@@ -21,8 +22,10 @@ import numpy as np
 
 from gateway.errors import InvalidArgument, Unimplemented, echo
 from gateway.protocol.codec import (
+    MAX_DECODED_ELEMENTS,
     MAX_DIMS,
     MAX_ELEMENTS,
+    MAX_TENSORS,
     _count_decoded,
     _from_raw,
     _split_bytes,
@@ -31,6 +34,14 @@ from gateway.tensors import DATATYPE_TO_DTYPE, InferRequest, InferResponse, Tens
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _LENGTH = struct.Struct("<I")
+# Parsed JSON costs 10-30 times its size in Python objects ("{}," is 3 bytes, a dict 64): a
+# body's JSON may hold at most the data values decoding accepts anyway (MAX_DECODED_ELEMENTS)
+# plus names, shapes and parameters, and few objects (a few per input and output), checked
+# before it is parsed. Bodies under a MiB are not counted (25 MiB of objects at worst).
+JSON_VALUES = MAX_DECODED_ELEMENTS + 16 * MAX_TENSORS
+JSON_OBJECTS = 8 * MAX_TENSORS + 16
+JSON_COUNTED_FROM = 1 << 20
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
@@ -50,6 +61,8 @@ class OutputPlan:
 
 def parse_json(body, what: str = "request") -> dict:
     """A JSON object, or InvalidArgument saying why not (never the body itself)."""
+    if len(body) >= JSON_COUNTED_FROM:
+        _check_json_size(body, what)
     try:
         doc = json.loads(body) if len(body) else {}
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -58,6 +71,21 @@ def parse_json(body, what: str = "request") -> dict:
     if not isinstance(doc, dict):
         raise InvalidArgument(f"the {what} JSON must be an object")
     return doc
+
+
+def _check_json_size(body: bytes, what: str) -> None:
+    """InvalidArgument when the JSON holds more values or objects than a request needs, counted
+    in C before parsing: every value but the last in a container is followed by a comma."""
+    for text in (body, None):
+        if text is None:  # over on the quick count: count again without strings' contents
+            text = _STRING.sub(b'""', body)
+        objects = text.count(b"{")
+        values = objects + text.count(b"[") + text.count(b",")
+        if objects <= JSON_OBJECTS and values <= JSON_VALUES:
+            return
+    raise InvalidArgument(
+        f"the {what} JSON holds more than {JSON_VALUES} values or {JSON_OBJECTS} objects; "
+        "send tensors as binary data (binary_data_size), or split the request")
 
 
 def decode_infer(body: bytes, header_length: str | None, model: str, version: str,
@@ -79,6 +107,9 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
     inputs_json = doc.get("inputs", [])  # none: the model says which it expects
     if not isinstance(inputs_json, list):
         raise InvalidArgument("'inputs' must be a list")
+    if len(inputs_json) > MAX_TENSORS:
+        raise InvalidArgument(
+            f"the request has {len(inputs_json)} inputs; the limit is {MAX_TENSORS}")
     inputs = []
     offset = 0
     decoded = 0  # elements decoded one by one so far (codec.MAX_DECODED_ELEMENTS)
@@ -136,6 +167,9 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
     outputs_json = doc.get("outputs", [])
     if not isinstance(outputs_json, list):
         raise InvalidArgument("'outputs' must be a list")
+    if len(outputs_json) > MAX_TENSORS:
+        raise InvalidArgument(f"the request asks for {len(outputs_json)} outputs; the limit is "
+                              f"{MAX_TENSORS}")
     for item in outputs_json:
         name = item.get("name") if isinstance(item, dict) else None
         if not isinstance(name, str):
