@@ -247,6 +247,12 @@ class ModelFeedback:
             rows = [(v, t.labelled, t.correct, t.abs_error) for v, t in self.totals.items()]
         return sorted(rows, key=lambda r: int(r[0]) if r[0].isdigit() else 0)
 
+    def scores(self) -> list[tuple[str, int, int, float | None]]:
+        """(version, labelled, correct, score) by version: the score is the accuracy, or the
+        mean absolute error for regression; None before the first label."""
+        return [(v, n, correct, (abs_error / n if self.kind == "regression" else correct / n)
+                 if n else None) for v, n, correct, abs_error in self.snapshot()]
+
 
 def entry_bytes(request_id: str, values: list) -> int:
     """Estimated memory of one kept prediction: O(1), or O(rows) for text labels."""
@@ -336,10 +342,8 @@ class FeedbackStore:
         feedback = self.models.get(model)
         if feedback is None:
             return None
-        for v, labelled, correct, abs_error in feedback.snapshot():
+        for v, labelled, _, score in feedback.scores():
             if v == version and labelled:
-                score = abs_error / labelled if feedback.kind == "regression" else \
-                    correct / labelled
                 return feedback.kind, labelled, score
         return None
 

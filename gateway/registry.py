@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.errors import FailedPrecondition, InvalidArgument, ModelLoadError
+from gateway.errors import FailedPrecondition, InvalidArgument, ModelLoadError, NotFound
 from gateway.modelconfig import complete_config, read_config_file, validate, version_policy
 from gateway.repository import check_model_name
 from runtimes.base import ModelIO, RuntimeOptions
@@ -290,6 +290,37 @@ def list_versions(root: Path, model: str) -> list[dict]:
              "has_model": model_file(model_dir / str(n), filename) is not None,
              "has_baseline": (model_dir / str(n) / BASELINE).is_file()}
             for n in version_numbers(model_dir)]
+
+
+async def version_rows(router, model: str) -> list[dict]:
+    """Every version of a model, on disk or known to the server, oldest first: its state
+    (READY, UNAVAILABLE with the reason, NOT_LOADED), metadata, baseline and traffic share now.
+    The directory listing runs off the event loop."""
+    repository = router.repository
+    try:
+        on_disk = await asyncio.to_thread(list_versions, repository.root, model)
+    except FileNotFoundError:
+        on_disk = []
+    entry = repository.models.get(model)
+    if not on_disk and entry is None:
+        raise NotFound(f"unknown model '{model}'")
+    shares = router.effective(model)[0] if entry is not None else {}
+    found = {str(v["version"]): v for v in on_disk}
+    versions = set(found) | (set(entry.serving) | set(entry.reasons) - {""} if entry else set())
+    rows = []
+    for version in sorted(versions, key=int):
+        info = found.get(version, {})
+        if entry is not None and version in entry.serving:
+            state, reason = "READY", ""
+        elif entry is not None and version in entry.reasons:
+            state, reason = "UNAVAILABLE", entry.reasons[version]
+        else:
+            state, reason = "NOT_LOADED", ""
+        rows.append({"version": version, "state": state, "reason": reason,
+                     "metadata": info.get("metadata", {}),
+                     "traffic_percent": shares.get(version, 0.0),
+                     "has_baseline": bool(info.get("has_baseline"))})
+    return rows
 
 
 @contextlib.contextmanager

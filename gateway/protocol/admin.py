@@ -10,7 +10,7 @@ from urllib.parse import unquote
 
 from gateway.auth import IDENTITY
 from gateway.control import ControlPlane, Rollout, RolloutSpec, rollout_spec
-from gateway.errors import FailedPrecondition, InvalidArgument, NotFound
+from gateway.errors import FailedPrecondition, InvalidArgument
 from gateway.protocol.pb import gateway_admin_pb2 as apb
 from gateway.protocol.pb import gateway_admin_pb2_grpc as apb_grpc
 from gateway.protocol.registration import INVALID
@@ -257,35 +257,15 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
 
     @handles_errors
     async def ListVersions(self, request, context):
-        from gateway.registry import list_versions
+        from gateway.registry import version_rows
 
         model = check_model_name(request.model)
-        repository = self.router.repository
-        try:
-            on_disk = list_versions(repository.root, model)
-        except FileNotFoundError:
-            on_disk = []
-        entry = repository.models.get(model)
-        if not on_disk and entry is None:
-            raise NotFound(f"unknown model '{model}'")
-        shares = self.router.effective(model)[0] if entry is not None else {}
-        rows = {str(v["version"]): v for v in on_disk}
-        versions = set(rows) | (set(entry.serving) | set(entry.reasons) - {""} if entry else set())
-        response = apb.ListVersionsResponse(model=model)
-        for version in sorted(versions, key=int):
-            info = rows.get(version, {})
-            if entry is not None and version in entry.serving:
-                state, reason = "READY", ""
-            elif entry is not None and version in entry.reasons:
-                state, reason = "UNAVAILABLE", entry.reasons[version]
-            else:
-                state, reason = "NOT_LOADED", ""
-            response.versions.append(apb.VersionInfo(
-                version=version, state=state, reason=reason,
-                metadata_json=json.dumps(info.get("metadata", {}), sort_keys=True),
-                traffic_percent=shares.get(version, 0.0),
-                has_baseline=bool(info.get("has_baseline"))))
-        return response
+        rows = await version_rows(self.router, model)
+        return apb.ListVersionsResponse(model=model, versions=[apb.VersionInfo(
+            version=r["version"], state=r["state"], reason=r["reason"],
+            metadata_json=json.dumps(r["metadata"], sort_keys=True),
+            traffic_percent=r["traffic_percent"], has_baseline=r["has_baseline"])
+            for r in rows])
 
     # ---- feedback -------------------------------------------------------------------------
 
@@ -295,12 +275,12 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
                                     kept=len(feedback.kept),
                                     capacity=feedback.settings.capacity,
                                     unmatched=feedback.unmatched)
-        for version, n, correct, abs_error in feedback.snapshot():
+        for version, n, correct, score in feedback.scores():
             row = apb.VersionFeedback(version=version, labelled=n, correct=correct)
-            if n and feedback.kind == "regression":
-                row.mean_absolute_error = abs_error / n
-            elif n:
-                row.accuracy = correct / n
+            if score is not None and feedback.kind == "regression":
+                row.mean_absolute_error = score
+            elif score is not None:
+                row.accuracy = score
             status.versions.append(row)
         return status
 
