@@ -94,7 +94,8 @@ class Batcher:
     def __init__(self, model: str, version: str, max_batch_size: int,
                  batching: BatchingConfig | None, instances: list[Instance],
                  input_names: list[str], output_names: list[str], stats: ModelStats,
-                 execution_timeout_s: float = 0.0, inline: bool = False):
+                 execution_timeout_s: float = 0.0, inline: bool = False,
+                 inline_budget_s: float = 0.0):
         self.model = model
         self.version = version
         self.batching = max_batch_size > 0
@@ -122,6 +123,9 @@ class Batcher:
         self.execution_timeout_s = execution_timeout_s
         # Small models run on the event loop: the thread hand-off costs more than they compute.
         self.inline = inline
+        # An inline batch over this (ns) moves the version to its instance threads for good
+        # (gateway.loading.INLINE_BUDGET_SECONDS); no limit when inline was asked for explicitly.
+        self.inline_budget_ns = int(inline_budget_s * 1e9) if inline_budget_s else 1 << 62
         self._stuck: set[str] = set()  # names of instances whose thread never came back
         self._label = f"model '{model}' version {version}"
         # Called after each batch: (batcher, requests, feeds, size, start_ns, infer_ns, done_ns).
@@ -324,6 +328,8 @@ class Batcher:
             self._fail(batch, ModelExecutionError(f"{self._label} failed to execute: {detail}"))
             return
         infer_done = now_ns()
+        if self.inline and infer_done - input_done > self.inline_budget_ns:
+            self._leave_the_loop(size, infer_done - input_done)
         if self.batching and any(np.ndim(out) == 0 or len(out) != size for out in outputs):
             rows = [len(o) if np.ndim(o) else 0 for o in outputs]  # a scalar has no batch rows
             self._fail(batch, ModelExecutionError(
@@ -345,6 +351,13 @@ class Batcher:
         stats.last_inference_ms = time.time_ns() // 1_000_000
         if self.observer is not None:
             self.observer(self, batch, feeds, size, start, infer_done - input_done, done)
+
+    def _leave_the_loop(self, size: int, took_ns: int) -> None:
+        """An inline batch overran its budget: run on the instance threads from now on."""
+        self.inline = False
+        log.warning("%s: a batch of %d took %.1f ms on the event loop, over its %.1f ms budget "
+                    "(its cost depends on the data); it runs on its instance threads from now on",
+                    self._label, size, took_ns / 1e6, self.inline_budget_ns / 1e6)
 
     def _fail(self, batch: list[QueuedRequest], error: GatewayError) -> None:
         for item in batch:

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 # batch to a worker thread and back costs ~100-150 us of CPU (two thread wake-ups and GIL
 # hand-offs), more than such a model computes. Heavier models run on their instance threads.
 INLINE_MAX_SECONDS = 0.0005
+# A batch judged inline that takes longer than this (wall clock, so with room for the process
+# being descheduled) moves its version to its instance threads for good: the judgment was wrong
+# (inputs that cost more than the warm-up's zeros), and the event loop serves everyone else.
+INLINE_BUDGET_SECONDS = 0.01
 EXECUTION_MODES = ("auto", "inline", "thread")
 
 
@@ -38,6 +42,7 @@ class LoadedVersion:
     config: ModelConfig
     instances: list[Instance]
     inline: bool = False  # run batches on the event loop (see INLINE_MAX_SECONDS)
+    inline_budget_s: float = 0.0  # enforced on inline batches (0: never, execution=inline)
 
 
 def load_version(model_file: Path, model: str, version: int, proto: mc.ModelConfig,
@@ -68,23 +73,30 @@ def load_version(model_file: Path, model: str, version: int, proto: mc.ModelConf
             inst.executor.shutdown(wait=False)
             inst.runtime.close()
         raise
-    return LoadedVersion(config, instances, inline)
+    auto = config.parameters.get("execution", "auto").lower() == "auto"
+    return LoadedVersion(config, instances, inline,
+                         INLINE_BUDGET_SECONDS if inline and auto else 0.0)
 
 
 def _runs_inline(config: ModelConfig, devices: list[tuple[str, int]], slowest: float,
                  control_flow: bool) -> bool:
-    """Where batches execute: the ``execution`` parameter (auto, inline, thread) decides;
-    auto runs small, fixed-shape CPU models without control flow inline (``slowest`` is the
-    largest warm-up batch's run time; infinity when warm-up failed). Control flow (Loop, Scan,
-    If) makes the cost depend on the data, which a warm-up with zeros cannot see."""
+    """Where batches execute: the ``execution`` parameter (auto, inline, thread) decides.
+
+    Auto runs a model on the event loop only if its cost cannot depend on the data, since the
+    warm-up that measured it (``slowest``: the largest batch's run time, infinity when the
+    warm-up failed) fed zeros and empty strings: CPU only, every input and output of fixed
+    shape, no strings (their length is the caller's), no control flow (Loop, Scan, If), and
+    fast enough. The batcher still moves it to its threads if a batch overruns the budget."""
     mode = config.parameters.get("execution", "auto").lower()
     if mode not in EXECUTION_MODES:
         raise ModelLoadError(f"parameter execution must be one of {', '.join(EXECUTION_MODES)}, "
                              f"not {mode!r}")
     if mode != "auto":
         return mode == "inline"
-    fixed = all(d >= 0 for spec in config.inputs for d in spec.dims)
-    return (fixed and not control_flow and all(d == "cpu" for d, _ in devices)
+    specs = (*config.inputs, *config.outputs)
+    fixed = all(d >= 0 for spec in specs for d in spec.dims)
+    strings = any(spec.datatype == "BYTES" for spec in specs)
+    return (fixed and not strings and not control_flow and all(d == "cpu" for d, _ in devices)
             and slowest <= INLINE_MAX_SECONDS)
 
 
@@ -126,26 +138,35 @@ def warmup_sizes(config: ModelConfig) -> list[int]:
 
 
 def _warm_up(inst: Instance, config: ModelConfig) -> float:
-    """Run every batch size once; return the largest size's best time of three runs
-    (infinity if the model refused the zeros it was warmed up with)."""
+    """Run every batch size once; return the best of three runs at the largest batch a request
+    can bring (``max_batch_size``, also without dynamic batching: a request may carry that many
+    rows), or infinity if the model refused the zeros it was warmed up with."""
     names = [o.name for o in config.outputs]
-    feeds: dict = {}
-    for size in warmup_sizes(config):
-        feeds = {}
-        for spec in config.inputs:
-            dims = tuple(1 if d < 0 else d for d in spec.dims)
-            shape = (size, *dims) if size else dims
-            dtype = DATATYPE_TO_DTYPE[spec.datatype]
-            feeds[spec.name] = (np.full(shape, b"", dtype=object) if spec.datatype == "BYTES"
-                                else np.zeros(shape, dtype=dtype))
-        try:
-            inst.runtime.run(dict(feeds), names)
-        except Exception as exc:  # some models reject zeros; that is not a load failure
-            log.warning("%s: warm-up at batch %d failed (%s); continuing", inst.name, size, exc)
-            return float("inf")
+    largest = max(config.max_batch_size, 0)
+    sizes = warmup_sizes(config)
+    try:
+        for size in sizes:
+            inst.runtime.run(_zeros(config, size), names)
+        if largest not in sizes:
+            inst.runtime.run(_zeros(config, largest), names)
+    except Exception as exc:  # some models reject zeros; that is not a load failure
+        log.warning("%s: warm-up failed (%s); continuing", inst.name, exc)
+        return float("inf")
+    feeds = _zeros(config, largest)
     timings = []
     for _ in range(3):
         start = time.perf_counter()
         inst.runtime.run(dict(feeds), names)
         timings.append(time.perf_counter() - start)
     return min(timings)
+
+
+def _zeros(config: ModelConfig, size: int) -> dict:
+    """Warm-up feeds: zeros (empty strings) of batch ``size`` (0: a model without batching)."""
+    feeds = {}
+    for spec in config.inputs:
+        dims = tuple(1 if d < 0 else d for d in spec.dims)
+        shape = (size, *dims) if size else dims
+        feeds[spec.name] = (np.full(shape, b"", dtype=object) if spec.datatype == "BYTES"
+                            else np.zeros(shape, dtype=DATATYPE_TO_DTYPE[spec.datatype]))
+    return feeds

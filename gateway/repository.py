@@ -230,7 +230,7 @@ class Repository:
             batcher = Batcher(name, key, config.max_batch_size, config.batching, loaded.instances,
                               [i.name for i in config.inputs], [o.name for o in config.outputs],
                               stats, execution_timeout(config, self.execution_timeout_s),
-                              inline=loaded.inline)
+                              inline=loaded.inline, inline_budget_s=loaded.inline_budget_s)
             batcher.observer = self.batch_observer
             batcher.start()
             new_serving[key] = ServingVersion(name, key, config, batcher, stats, signature)

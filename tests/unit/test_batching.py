@@ -789,3 +789,38 @@ async def test_run_now_never_overtakes_a_batch_being_formed(make):
     (y, _) = await h.batcher.run_now([x_of(5.0)], 1)  # nothing queued or forming: at once
     np.testing.assert_array_equal(y, x_of(6.0))
     assert h.runtime.batch_rows[-1] == [5.0]
+
+
+
+# ---------------------------------------------------------------- the inline time budget
+
+async def test_an_inline_batch_over_its_budget_moves_the_version_to_its_threads(make, clock,
+                                                                                 caplog):
+    """A model judged inline whose cost turns out to depend on the data (a batch overran the
+    budget) runs on its instance thread from then on; the event loop serves everyone else."""
+    h = make(max_batch_size=8, blocked=False)
+    h.batcher.inline = True
+    h.batcher.inline_budget_ns = 10_000_000
+    loop_thread = threading.get_ident()
+    ran_on = []
+
+    def costly(feeds):  # this input takes 50 ms (on the fake clock)
+        ran_on.append(threading.get_ident())
+        clock.advance_us(50_000)
+        return [feeds["x"] + 1, feeds["x"].sum(axis=1)]
+
+    def cheap(feeds):
+        ran_on.append(threading.get_ident())
+        return [feeds["x"] + 1, feeds["x"].sum(axis=1)]
+
+    h.runtime.plan = [cheap, costly, cheap]
+    for value in (1.0, 2.0):
+        y, _ = await h.batcher.run_now([x_of(value)], 1)  # inline: at once, on the loop
+        np.testing.assert_array_equal(y, x_of(value + 1))
+    assert not h.batcher.inline
+    assert ("model 'm' version 1: a batch of 1 took 50.0 ms on the event loop, over its 10.0 ms "
+            "budget") in caplog.text
+    assert await h.batcher.run_now([x_of(3.0)], 1) is None  # no longer at once
+    y, _ = await result(h.submit(3.0))
+    np.testing.assert_array_equal(y, x_of(4.0))
+    assert ran_on[:2] == [loop_thread, loop_thread] and ran_on[2] != loop_thread
