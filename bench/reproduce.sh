@@ -32,6 +32,10 @@ python -m bench --url gateway --model-repository "$repo" --model heavy_mlp --con
     --json "$out/heavy_b8.json"
 python -m bench.limit "$repo/heavy_mlp/1/model.onnx" --batch-sizes 1,8,16,32,64
 
+echo "== operator state: change cost and propagation"
+python -m bench.state --backend file --changes 200
+python -m bench.state --backend redis --changes 200
+
 echo "== monitoring cost"
 python -m bench.monitoring_cost --model tiny_mlp --streams 64 --seconds 8 --rounds 8 --pin
 
