@@ -75,14 +75,22 @@ class QueuedRequest:
 
 
 class _Level:
-    """One priority level: requests in arrival order, then those delayed by their timeout."""
+    """One priority level: requests in arrival order, then those delayed by their timeout.
 
-    __slots__ = ("delayed", "policy", "ready")
+    ``limit``: requests it may hold waiting (0: no limit), the smaller of its policy's
+    max_queue_size and ``share``; ``share`` bounds a level below the first to its part of the
+    model's in-flight limit, so requests starved by higher priorities never fill that limit
+    and lock every priority out."""
 
-    def __init__(self, policy: QueuePolicy):
+    __slots__ = ("delayed", "limit", "policy", "ready", "share")
+
+    def __init__(self, policy: QueuePolicy, share: int = 0):
         self.ready: deque[QueuedRequest] = deque()
         self.delayed: deque[QueuedRequest] = deque()
         self.policy = policy
+        self.share = share
+        limits = [n for n in (policy.max_queue_size, share) if n]
+        self.limit = min(limits) if limits else 0
 
     def __len__(self) -> int:
         return len(self.ready) + len(self.delayed)
@@ -95,7 +103,7 @@ class Batcher:
                  batching: BatchingConfig | None, instances: list[Instance],
                  input_names: list[str], output_names: list[str], stats: ModelStats,
                  execution_timeout_s: float = 0.0, inline: bool = False,
-                 inline_budget_s: float = 0.0):
+                 inline_budget_s: float = 0.0, max_inflight: int = 0):
         self.model = model
         self.version = version
         self.batching = max_batch_size > 0
@@ -108,7 +116,11 @@ class Batcher:
         self.delay_ns = cfg.max_queue_delay_us * 1000
         self.default_level = cfg.default_priority_level if cfg.priority_levels else 0
         levels = max(cfg.priority_levels, 1)
-        self._levels = [_Level(cfg.priority_queue_policy.get(i + 1, cfg.default_queue_policy))
+        # Strict priority never ages a request: below the first level, each holds at most its
+        # share of the model's in-flight limit (``max_inflight``; 0 = no shares).
+        share = max(max_inflight // levels, 1) if max_inflight and levels > 1 else 0
+        self._levels = [_Level(cfg.priority_queue_policy.get(i + 1, cfg.default_queue_policy),
+                               share if i else 0)
                         for i in range(levels)]
         self.instances = instances
         self.input_names = input_names
@@ -153,9 +165,13 @@ class Batcher:
             level_index = len(self._levels) - 1
         level = self._levels[level_index]
         policy = level.policy
-        if policy.max_queue_size and len(level) >= policy.max_queue_size:
+        if level.limit and len(level) >= level.limit:
+            if len(level) >= policy.max_queue_size > 0:
+                raise ResourceExhausted(
+                    f"{self._label}: queue is full ({policy.max_queue_size} requests waiting)")
             raise ResourceExhausted(
-                f"{self._label}: queue is full ({policy.max_queue_size} requests waiting)")
+                f"{self._label}: priority level {level_index + 1} has {level.share} requests "
+                "waiting, its share of the model's in-flight limit; retry later")
         enqueued = now_ns()
         timeout_ns = (timeout_us if timeout_us and policy.allow_timeout_override
                       else policy.default_timeout_us) * 1000

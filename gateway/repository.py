@@ -82,6 +82,7 @@ class Repository:
         self.on_change = []  # callbacks(model_name) after a model's serving set changes
         self.batch_observer = None  # given to every Batcher (see Batcher.observer)
         self.execution_timeout_s = 0.0  # server default; a model's parameter overrides it
+        self.max_inflight_per_model = 2048  # the data plane's; bounds lower priorities' shares
         self.on_load_failure = []  # callbacks(model, version ("" = the model), reason)
 
     # ---- reading (request path) ----------------------------------------------------------
@@ -230,7 +231,8 @@ class Repository:
             batcher = Batcher(name, key, config.max_batch_size, config.batching, loaded.instances,
                               [i.name for i in config.inputs], [o.name for o in config.outputs],
                               stats, execution_timeout(config, self.execution_timeout_s),
-                              inline=loaded.inline, inline_budget_s=loaded.inline_budget_s)
+                              inline=loaded.inline, inline_budget_s=loaded.inline_budget_s,
+                              max_inflight=self.max_inflight_per_model)
             batcher.observer = self.batch_observer
             batcher.start()
             new_serving[key] = ServingVersion(name, key, config, batcher, stats, signature)

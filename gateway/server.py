@@ -49,6 +49,7 @@ class GatewayServer:
         self.repository = Repository(settings.model_repository, settings.cpu_threads,
                                      settings.control_mode)
         self.repository.execution_timeout_s = settings.execution_timeout
+        self.repository.max_inflight_per_model = settings.max_inflight_per_model
         self.router = Router(self.repository)
         store = open_store(settings.state_url, settings.state_directory())
         if isinstance(store, FileStore):

@@ -4,18 +4,23 @@ vanishes for a while or a version file copied over in place never stops a model 
 
 from __future__ import annotations
 
+import asyncio
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
 from support import (
     TIMEOUT,
     busy_inputs,
+    busy_output,
     index_rows,
     model_file,
     raises,
     reference,
+    start_blocker,
     start_gateway,
     wait_for,
 )
@@ -181,3 +186,41 @@ def test_a_version_copied_over_in_place_keeps_its_old_copy_until_the_new_one_loa
         wait_for(lambda: index_rows(client)[("m", "2")] == ("READY", ""), what="the new copy")
         assert answers_like(client, new, x)
     assert "model 'm' version 2: its previous copy keeps serving" in gw.log()
+
+
+# ---- strict priority ---------------------------------------------------------------------------
+
+def queue_depth(metrics_port: int, model: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(f'gateway_queue_depth{{model="{model}"'):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_starved_low_priority_requests_never_lock_out_the_first_level(tmp_path):
+    """Low-priority requests starved behind a busy instance may hold only their level's share
+    of --max-inflight-per-model: the next low one is refused, a high one still gets in."""
+    models.make_version(tmp_path, "busy", 1, models.build_busy_model)
+    models.write_config(tmp_path / "busy", """
+        max_batch_size: 1
+        dynamic_batching { priority_levels: 2 default_priority_level: 2 }
+    """)
+    with start_gateway(tmp_path, "--max-inflight-per-model", "4") as gw, \
+            grpcclient.InferenceServerClient(gw.url) as client:
+        async with aioclient.InferenceServerClient(gw.url) as aio:
+            blocker = await start_blocker(aio, client, "busy")  # running: not queued
+            low = [asyncio.ensure_future(aio.infer("busy", busy_inputs(1, marker=float(i)),
+                                                   priority=2, client_timeout=TIMEOUT))
+                   for i in range(2)]  # level 2's share of 4 in flight: 2
+            await asyncio.to_thread(wait_for, lambda: queue_depth(gw.metrics_port, "busy") == 2,
+                                    what="two low-priority requests queued")
+            with raises("RESOURCE_EXHAUSTED", "model 'busy' version 1: priority level 2 has 2 "
+                        "requests waiting, its share of the model's in-flight limit"):
+                await aio.infer("busy", busy_inputs(1), priority=2, client_timeout=TIMEOUT)
+            high = await aio.infer("busy", busy_inputs(1, marker=7.0), priority=1,
+                                   client_timeout=TIMEOUT)  # the 4th in flight: admitted
+            np.testing.assert_array_equal(high.as_numpy("OUTPUT0"), busy_output(1, 7.0))
+            await blocker
+            for i, result in enumerate(await asyncio.gather(*low)):
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), busy_output(1, float(i)))

@@ -101,14 +101,14 @@ def x_of(value: float, rows: int = 1, width: int = 3) -> np.ndarray:
 class Harness:
     """A started Batcher over fake runtimes, with helpers to submit and wait."""
 
-    def __init__(self, runtimes: list[FakeRuntime], max_batch_size, batching_cfg):
+    def __init__(self, runtimes: list[FakeRuntime], max_batch_size, batching_cfg, **options):
         self.runtimes = runtimes
         seam: list[Runtime] = runtimes  # the fake stands in for runtimes.base.Runtime
         self.stats = ModelStats()
         instances = [Instance(f"fake{i}", rt, ThreadPoolExecutor(1, thread_name_prefix=f"fake{i}"))
                      for i, rt in enumerate(seam)]
         self.batcher = Batcher("m", "1", max_batch_size, batching_cfg, instances, ["x"],
-                               ["y", "rowsum"], self.stats)
+                               ["y", "rowsum"], self.stats, **options)
         self.batcher.start()
 
     @property
@@ -141,8 +141,9 @@ async def make():
     harnesses: list[Harness] = []
 
     def factory(max_batch_size: int = 8, batching_cfg: BatchingConfig | None = DYNAMIC,
-                instances: int = 1, blocked: bool = True) -> Harness:
-        h = Harness([FakeRuntime(blocked) for _ in range(instances)], max_batch_size, batching_cfg)
+                instances: int = 1, blocked: bool = True, **options) -> Harness:
+        h = Harness([FakeRuntime(blocked) for _ in range(instances)], max_batch_size, batching_cfg,
+                    **options)
         harnesses.append(h)
         return h
 
@@ -660,6 +661,40 @@ async def test_a_non_batching_model_runs_one_request_at_a_time(make):
     h.runtime.open()
     await asyncio.gather(*map(result, [first, *queued]))
     assert h.runtime.batch_rows == [[0.0], [1.0], [2.0]]
+
+
+async def test_lower_priority_levels_hold_at_most_their_share_of_the_in_flight_limit(make):
+    """Requests starved by a higher priority pile up; bounded, they never fill the model's
+    in-flight limit, so the first level always finds room."""
+    cfg = BatchingConfig(priority_levels=2, default_priority_level=2,
+                         priority_queue_policy={2: QueuePolicy(max_queue_size=100)})
+    h = make(max_batch_size=1, batching_cfg=cfg, max_inflight=6)  # level 2's share: 3
+    first = h.submit(0.0, priority=1)
+    await h.calls(1)
+    low = [h.submit(float(v), priority=2) for v in (1, 2, 3)]
+    with pytest.raises(ResourceExhausted) as info:
+        h.submit(4.0, priority=2)
+    assert info.value.message == ("model 'm' version 1: priority level 2 has 3 requests waiting, "
+                                  "its share of the model's in-flight limit; retry later")
+    high = [h.submit(float(v), priority=1) for v in (5, 6, 7, 8)]  # the first level: no share
+    h.runtime.open()
+    await asyncio.gather(*map(result, [first, *low, *high]))
+    assert h.runtime.batch_rows == [[0.0], [5.0], [6.0], [7.0], [8.0], [1.0], [2.0], [3.0]]
+    await result(h.submit(9.0, priority=2))  # room again
+
+
+async def test_a_smaller_max_queue_size_wins_over_the_share(make):
+    cfg = BatchingConfig(priority_levels=2, default_priority_level=2,
+                         priority_queue_policy={2: QueuePolicy(max_queue_size=1)})
+    h = make(max_batch_size=1, batching_cfg=cfg, max_inflight=6)
+    first = h.submit(0.0, priority=1)
+    await h.calls(1)
+    queued = h.submit(1.0)
+    with pytest.raises(ResourceExhausted) as info:
+        h.submit(2.0)
+    assert info.value.message == "model 'm' version 1: queue is full (1 requests waiting)"
+    h.runtime.open()
+    await asyncio.gather(result(first), result(queued))
 
 
 # ---------------------------------------------------------------- close and statistics
