@@ -15,10 +15,18 @@ import logging
 import os
 import secrets
 import socket
+import time
 
 from gateway.control.figures import WindowCounter
 from gateway.control.rollouts import RolloutController
-from gateway.control.store import Snapshot, Store, StoreUnavailable, transact
+from gateway.control.store import (
+    Change,
+    Conflict,
+    Snapshot,
+    Store,
+    StoreUnavailable,
+    transact,
+)
 from gateway.control.traffic import TrafficControl
 from gateway.routing import Router
 
@@ -65,8 +73,30 @@ class ControlPlane:
             self._mark(False, exc.message)
             raise
         self._mark(True, "")
+        if snapshot.revision == 0 and self.snapshot.revision > 0:
+            snapshot = await self._restore()
         self.install(snapshot)
         return snapshot
+
+    async def _restore(self) -> Snapshot:
+        """The store came back empty (a Redis restarted without its append-only file, a
+        state directory wiped): put back the last state this replica served rather than drop
+        every split and rollout. Creation is conditional, so one replica restores it."""
+        lost = self.snapshot
+        changes = [Change(section, key, entry.value, 0)
+                   for section, entries in lost.sections.items() for key, entry in entries.items()]
+        log.error("the operator state store %s came back empty (it held revision %d): restoring "
+                  "the %d entries this replica served", self.store.url, lost.revision,
+                  len(changes))
+        try:
+            await self.store.commit(changes, [{
+                "time": time.time(), "who": self.identity, "section": "store", "model": "",
+                "action": "restore", "old": None, "new": None,
+                "summary": f"restored {len(changes)} entries of revision {lost.revision} after "
+                           "the store came back empty"}])
+        except Conflict:
+            pass  # another replica restored it (or an operator wrote) first
+        return await self.store.read()
 
     def install(self, snapshot: Snapshot) -> None:
         if snapshot.revision < self.snapshot.revision:

@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import unquote
 
 from gateway.auth import IDENTITY
-from gateway.control import ControlPlane, Rollout, RolloutSpec, rollout_spec
+from gateway.control import (
+    ControlPlane,
+    Rollout,
+    RolloutSpec,
+    StoreUnavailable,
+    Window,
+    rollout_spec,
+)
 from gateway.errors import FailedPrecondition, InvalidArgument
 from gateway.protocol.pb import gateway_admin_pb2 as apb
 from gateway.protocol.pb import gateway_admin_pb2_grpc as apb_grpc
@@ -107,7 +115,12 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
 
     async def _rollout_status(self, rollout: Rollout) -> apb.RolloutStatus:
         spec = rollout.spec
-        canary, baseline = await self.rollouts.figures(rollout)
+        try:
+            canary, baseline = await self.rollouts.figures(rollout)
+            now = await self.control.store.now()
+        except StoreUnavailable:  # the state this replica serves, without the fleet's figures
+            canary = baseline = Window(0, 0, 0.0)
+            now = time.time()
 
         def window(w):
             return apb.RolloutWindow(requests=w.requests, errors=w.errors, p99_ms=w.p99_s * 1000,
@@ -115,7 +128,6 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
 
         remaining = lease = 0.0
         if rollout.state == "running":
-            now = await self.control.store.now()
             remaining = max(0.0, spec.interval_s - (now - rollout.step_started))
             lease = max(0.0, rollout.lease_until - now)
         return apb.RolloutStatus(

@@ -232,6 +232,8 @@ def test_redis_down_keeps_serving_refuses_changes_and_loses_nothing(fleet, redis
         wait_for(lambda: load.codes.get("OK", 0) > ok_before + 50, what="serving goes on")
         assert set(load.versions) <= {"1", "2"}
         assert split_of(second) == {"1": 80.0, "2": 20.0}  # the last state read
+        code, out, _ = cli(second, "rollout", "status", MODEL)  # still answers, from it
+        assert code == 0 and "is running" in out
         redis_server.start()  # same port and append-only file
         wait_for(lambda: "gateway_state_store_up 1.0" in metrics(second), timeout=30,
                  what="reconnection")

@@ -229,3 +229,32 @@ def test_open_store_picks_the_backend_and_hides_passwords(tmp_path):
     assert redacted("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
     with pytest.raises(ValueError, match="use file://DIR, redis://HOST:PORT/DB"):
         open_store("http://x", tmp_path)
+
+
+async def test_a_store_that_comes_back_empty_is_restored_from_a_replica(redis_server):
+    """A Redis restarted without its data must not drop every split: a replica puts back the
+    state it served, and the others follow it."""
+    import redis.asyncio as redis_client
+    from test_routing import FakeRepository
+
+    from gateway.control import ControlPlane
+    from gateway.routing import Router
+
+    planes = [ControlPlane(RedisStore(redis_server.url), Router(FakeRepository(m=["1", "2"])))
+              for _ in range(2)]
+    try:
+        await planes[0].traffic.set_split("m", {"1": 95, "2": 5}, "ops")
+        await planes[1].refresh()
+        raw = redis_client.Redis.from_url(redis_server.url)
+        await raw.flushall()
+        await raw.aclose()
+        await asyncio.gather(*(plane.refresh() for plane in planes))
+        for plane in planes:
+            assert plane.traffic.policy("m").weights == {"1": 9500, "2": 500}
+        snapshot = await planes[0].store.read()
+        assert snapshot.value("traffic", "m") == {"weights": {"1": 95.0, "2": 5.0},
+                                                 "shadow": None}
+        assert [r["action"] for r in await planes[0].store.history(None, 10)] == ["restore"]
+    finally:
+        for plane in planes:
+            await plane.store.close()
