@@ -23,7 +23,14 @@ from google.protobuf.json_format import MessageToDict
 
 from gateway import __version__
 from gateway.auth import IDENTITY
-from gateway.errors import GatewayError, ResourceExhausted, Unavailable, Unimplemented
+from gateway.errors import (
+    GatewayError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+    echo,
+)
 from gateway.protocol.httpcodec import HEADER_LENGTH, decode_infer, encode_infer, parse_json
 from gateway.protocol.servicer import EXTENSIONS
 
@@ -52,6 +59,10 @@ UNSUPPORTED = {  # path prefix -> (gRPC method it stands for, what gRPC calls it
 
 class _TooLarge(ResourceExhausted):
     status = 413
+
+
+class _Unreadable(InvalidArgument):
+    close = True  # the rest of the stream cannot be trusted: answer, then close the connection
 
 
 class HttpFrontend:
@@ -139,8 +150,11 @@ class HttpFrontend:
                         token = IDENTITY.set(credential.name)
                 return await handler(request)
             except GatewayError as exc:
-                return error(getattr(exc, "status", None) or STATUS.get(exc.code, 500),
-                             exc.message)
+                response = error(getattr(exc, "status", None) or STATUS.get(exc.code, 500),
+                                 exc.message)
+                if getattr(exc, "close", False):
+                    response.force_close()
+                return response
             except Exception:
                 log.exception("unexpected error in HTTP %s %s", request.method, rpc)
                 return error(500, "internal error; see the server log")
@@ -151,8 +165,8 @@ class HttpFrontend:
         return endpoint
 
     async def _not_found(self, request: web.Request) -> web.Response:
-        return error(404, f"not found: {request.method} {request.path[:200]} is not an endpoint "
-                          "of this server (the KServe V2 API is under /v2)")
+        return error(404, f"not found: {echo(request.method)} {echo(request.path)} is not an "
+                          "endpoint of this server (the KServe V2 API is under /v2)")
 
     async def _body(self, request: web.Request) -> bytes:
         try:
@@ -160,6 +174,11 @@ class HttpFrontend:
         except web.HTTPRequestEntityTooLarge:
             raise _TooLarge(f"the request body is larger than the server's limit of "
                             f"{self.max_message_bytes} bytes (--max-message-bytes)") from None
+        except web.RequestPayloadError as exc:  # corrupt gzip/deflate, a cut chunked body
+            request.content.feed_eof()  # nothing more to read (or to log) after the answer
+            cause = exc.__cause__ or exc
+            reason = str(getattr(cause, "message", "") or cause).strip()
+            raise _Unreadable(f"the request body could not be read: {echo(reason)}") from None
 
     # ---- inference --------------------------------------------------------------------------
 
@@ -212,9 +231,9 @@ class HttpFrontend:
             return [{"name": s.name, "datatype": s.datatype, "shape": batch + list(s.dims)}
                     for s in specs]
 
-        return answer({"name": name, "versions": sorted(self.repository.get(name).serving, key=int),
-                       "platform": config.platform, "inputs": meta(config.inputs),
-                       "outputs": meta(config.outputs)})
+        versions = sorted(self.repository.get(name).serving, key=int)
+        return answer({"name": name, "versions": versions, "platform": config.platform,
+                       "inputs": meta(config.inputs), "outputs": meta(config.outputs)})
 
     async def model_config(self, request: web.Request) -> web.Response:
         return answer(proto_json(self._served(request).config.proto))

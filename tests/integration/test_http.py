@@ -392,6 +392,16 @@ def test_malformed_bodies_are_400_with_a_reason(serving_gateway, case):
     assert_no_path(message)
 
 
+def test_corrupt_compressed_body_is_400_and_the_connection_closes(serving_gateway):
+    status, headers, body = fetch(f"http://{serving_gateway.http_url}/v2/models/mlp/infer",
+                                  b"not gzip at all", {"Content-Encoding": "gzip"})
+    message = json.loads(body)["error"]
+    assert status == 400 and message == ("the request body could not be read: Can not decode "
+                                         "content-encoding: gzip")
+    assert headers["Connection"] == "close"
+    assert "Traceback" not in serving_gateway.log()
+
+
 def test_unknown_paths_and_methods_answer_json(serving_gateway):
     base = f"http://{serving_gateway.http_url}"
     status, _, body = fetch(f"{base}/v1/models")
@@ -438,7 +448,7 @@ async def test_queue_full_is_429(serving_gateway, client):
         await blocker
 
 
-# ---- plain JSON, no client library ----------------------------------------------------------------
+# ---- plain JSON, no client library -------------------------------------------------------------
 
 def test_plain_json_like_curl(serving_gateway, serving_repo):
     base = f"http://{serving_gateway.http_url}"
