@@ -36,6 +36,10 @@ echo "== operator state: change cost and propagation"
 python -m bench.state --backend file --changes 200
 python -m bench.state --backend redis --changes 200
 
+echo "== HTTP/REST against gRPC, same gateway"
+python -m bench.http_cost --model tiny_mlp --streams 1,64 --seconds 5 --rounds 5 \
+    --json "$out/http_cost.json"
+
 echo "== monitoring cost"
 python -m bench.monitoring_cost --model tiny_mlp --streams 64 --seconds 8 --rounds 8 --pin
 

@@ -488,6 +488,18 @@ def test_plain_json_like_curl(serving_gateway, serving_repo):
     assert status == 404 and json.loads(body) == {"error": "unknown model 'nope'"}
 
 
+def test_the_bench_request_is_what_tritonclient_sends(serving_gateway):
+    """bench.http_cost replays this body: the gateway must answer it (mlp has tiny_mlp's input)."""
+    from bench.http_cost import http_request
+
+    body, header_length = http_request("tiny_mlp", 2)
+    status, headers, answer = fetch(f"http://{serving_gateway.http_url}/v2/models/mlp/infer",
+                                    body, {"Inference-Header-Content-Length": str(header_length)})
+    assert status == 200, answer
+    split = int(headers["Inference-Header-Content-Length"])
+    assert json.loads(answer[:split])["outputs"][0]["parameters"]["binary_data_size"] == 32
+
+
 # ---- auth, explicit repository control, routing, limits ------------------------------------------
 
 @pytest.fixture(scope="module")
