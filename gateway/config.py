@@ -43,6 +43,7 @@ class Settings:
     reuse_port: bool = False  # set for --workers: several processes share the gRPC port
     worker_index: int = 0
     workers: int = 1  # processes sharing the gRPC port (--workers)
+    metrics_rundir: Path | None = None  # set by the --workers supervisor: announce metrics here
 
     def state_directory(self) -> Path:
         if self.state_dir is not None:

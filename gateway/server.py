@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -145,6 +146,11 @@ class GatewayServer:
         from gateway.monitoring.control import ControlCollector
 
         self.monitoring.registry.register(ControlCollector(self.control))
+        if s.metrics_rundir is not None:  # a --workers worker: the supervisor's port serves it
+            from gateway.monitoring.fleet import announce
+
+            announce(s.metrics_rundir, s.worker_index, self.monitoring.start("127.0.0.1", 0))
+            return s.metrics_port
         return self.monitoring.start(s.host, s.metrics_port)
 
     async def _load_initial_models(self) -> None:
@@ -345,7 +351,8 @@ async def serve(settings: Settings) -> int:
         log.error("cannot start: %s", exc)
         await server.stop()
         return 1
-    worker = f" worker {settings.worker_index}" if settings.reuse_port else ""
+    worker = (f" worker {settings.worker_index} pid {os.getpid()}" if settings.reuse_port
+              else "")
     print(f"gateway ready: grpc {settings.host}:{server.grpc_port} "
           f"metrics {server.metrics_port} http {server.http_port}{worker}", flush=True)
     await stop_requested.wait()

@@ -59,3 +59,62 @@ def test_a_second_fleet_refuses_a_port_another_fleet_serves(tmp_path):
             with grpcclient.InferenceServerClient(gw.url) as client:
                 assert client.is_model_ready("mlp")
         assert gw.stop() == 0
+
+
+def _metrics(gw) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def _requests_ok(text: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "gateway_requests"
+               for s in f.samples if s.labels.get("code") == "OK"
+               and s.labels.get("model") == "mlp")
+
+
+def _worker_pids(gw) -> list[int]:
+    import re
+
+    return sorted({int(p) for p in re.findall(r"worker \d+ pid (\d+)", gw.log())})
+
+
+def test_one_scrape_sums_the_workers_and_a_killed_worker_comes_back(tmp_path):
+    import os
+    import signal
+    import time
+
+    models.make_version(tmp_path, "mlp", 1, models.build_mlp)
+    port = free_port()
+    with start_gateway(tmp_path, "--grpc-port", str(port), "--workers", "2") as gw:
+        wait_for(lambda: gw.log().count("gateway ready") == 2, what="both workers")
+        wait_for(lambda: 'gateway_workers{state="answering"} 2.0' in _metrics(gw),
+                 what="both workers in the scrape")
+        x = np.ones((1, 32), np.float32)
+        sent = 40
+        for _ in range(sent):  # new connections: the kernel spreads them over the workers
+            with grpcclient.InferenceServerClient(gw.url) as client:
+                inp = grpcclient.InferInput("input", [1, 32], "FP32")
+                inp.set_data_from_numpy(x)
+                client.infer("mlp", [inp])
+        assert _requests_ok(_metrics(gw)) == sent  # one scrape, both workers, summed
+        pids = _worker_pids(gw)
+        assert len(pids) == 2, gw.log()
+        os.kill(pids[0], signal.SIGKILL)
+        # The survivor serves on while the supervisor forks a replacement.
+        failures = 0
+        deadline = time.monotonic() + 60
+        while len(_worker_pids(gw)) < 3 or gw.log().count("gateway ready") < 3:
+            assert time.monotonic() < deadline, gw.log()
+            try:
+                with grpcclient.InferenceServerClient(gw.url) as client:
+                    client.is_model_ready("mlp")
+            except Exception:
+                failures += 1
+        assert "worker 0 exited with -9; starting it again" in gw.log()
+        wait_for(lambda: "gateway_worker_restarts 1.0" in _metrics(gw), what="the restart")
+        assert failures <= 3  # at most connections the killed worker had accepted
+        assert gw.stop() == 0
