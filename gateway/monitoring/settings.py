@@ -10,7 +10,8 @@
       bins: 10                 # bins of a served-sample baseline (a file brings its own)
       max_features: 32         # inputs with up to this many values per sample: per feature
       max_rows_per_second: 1000  # above this rate batches are sampled
-      export_bins: true        # export per-bin proportions (window and baseline)
+      export_bins: false       # per-bin proportions (window and baseline): ~20 series per
+                               # feature and version, so off unless a dashboard needs them
       inputs:                  # optional, per input tensor
         input:
           enabled: true
@@ -72,7 +73,7 @@ class DriftSettings:
     bins: int = 10
     max_features: int = 32
     max_rows_per_second: float = 1000.0
-    export_bins: bool = True
+    export_bins: bool = False  # per-bin series multiply cardinality: asked for, never default
     inputs: dict[str, InputSettings] = field(default_factory=dict)
     hook: HookSettings = field(default_factory=HookSettings)
 

@@ -52,6 +52,8 @@ def exported_names(tmp_path) -> set[str]:
     s.metrics.shadow_done(s.v2, True, 0.1)
     s.drift.hooks.calls[("m", "ok")] = 1
     s.drift.hook_suppressed["m"] = 1
+    # Every optional family on, as a dashboard panel may ask for it (per-bin series are opt-in).
+    (tmp_path / "m" / "gateway.yaml").write_text("drift: {export_bins: true}")
     s.drift.request_sync("m")
     s.drift.tick(now=0.0)
     for t in (1.0, 2.0, 3.0):

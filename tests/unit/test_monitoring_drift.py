@@ -39,7 +39,7 @@ drift:
   bins: 8
   max_features: 16
   max_rows_per_second: 100
-  export_bins: false
+  export_bins: true
   inputs:
     a: {features: [0, 2], threshold: 0.5}
     b: {features: tensor}
@@ -52,7 +52,8 @@ drift:
     s = ms.load(tmp_path)
     assert (s.window, s.min_samples, s.threshold, s.for_seconds) == (120, 50, 0.3, 0.5)
     assert (s.baseline_samples, s.bins, s.max_features, s.max_rows_per_second) == (400, 8, 16, 100)
-    assert not s.export_bins
+    assert s.export_bins
+    assert not ms.DriftSettings().export_bins  # off unless asked for: cardinality
     assert s.for_input("a") == ms.InputSettings(True, (0, 2), 0.5)
     assert s.for_input("b").features == "tensor"
     assert not s.for_input("c").enabled

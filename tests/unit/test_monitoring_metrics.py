@@ -183,7 +183,7 @@ def test_retired_versions_are_pruned_and_late_batches_not_exported(tmp_path):
 def test_drift_series_once_monitored(tmp_path):
     s = Setup(tmp_path)
     (tmp_path / "m" / "gateway.yaml").write_text(
-        "drift: {baseline_samples: 100, min_samples: 50}")
+        "drift: {baseline_samples: 100, min_samples: 50, export_bins: true}")
     s.drift.request_sync("m")
     s.drift.tick(now=0.0)
     rng = np.random.default_rng(0)
