@@ -183,6 +183,34 @@ class FileStore(Store):
                     break
         return records[::-1]
 
+    async def claim(self, key: str, holder: str, ttl_s: float) -> bool:
+        """A file per claim, created exclusively under the state lock; an expired one (by
+        the host clock this store runs on) is replaced."""
+        def claim() -> bool:
+            claims = self.dir / "claims"
+            claims.mkdir(parents=True, exist_ok=True)
+            path = claims / key.replace("/", "_")
+            with open(self.lock_path, "a") as lock:
+                self._lock(lock)
+                try:
+                    try:
+                        held = json.loads(path.read_text())
+                        if float(held["until"]) > self.clock():
+                            return False
+                    except (OSError, ValueError, KeyError, TypeError):
+                        pass  # none, or unreadable: take it
+                    tmp = path.with_suffix(f".tmp{os.getpid()}")
+                    tmp.write_text(encode({"holder": holder, "until": self.clock() + ttl_s}))
+                    os.replace(tmp, path)
+                    return True
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        try:
+            return await asyncio.to_thread(claim)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write a claim in {self.dir}: "
+                                   f"{exc.strerror or exc}") from None
+
     # ---- rollout figures: one small file per model and replica ------------------------------
 
     def _figures_path(self, model: str, replica: str) -> Path:

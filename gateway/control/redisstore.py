@@ -228,6 +228,13 @@ class RedisStore(Store):
         except (RedisError, OSError) as exc:
             raise self._down(exc) from None
 
+    async def claim(self, key: str, holder: str, ttl_s: float) -> bool:
+        try:
+            return bool(await self.client.set(f"{PREFIX}:claim:{key}", holder, nx=True,
+                                              px=max(1, int(ttl_s * 1000))))
+        except (RedisError, OSError) as exc:
+            raise self._down(exc) from None
+
     async def close(self) -> None:
         for client in (self.client, self.listener):
             try:

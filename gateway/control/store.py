@@ -199,6 +199,12 @@ class Store(ABC):
     @abstractmethod
     async def clear_figures(self, model: str) -> None: ...
 
+    @abstractmethod
+    async def claim(self, key: str, holder: str, ttl_s: float) -> bool:
+        """True for the first caller to claim ``key`` until ``ttl_s`` seconds pass on the
+        store's clock (then it may be claimed again): one action per fleet, e.g. one drift
+        hook call for one drift episode, whichever replica saw it first."""
+
     async def close(self) -> None:
         return None
 

@@ -258,3 +258,17 @@ async def test_a_store_that_comes_back_empty_is_restored_from_a_replica(redis_se
     finally:
         for plane in planes:
             await plane.store.close()
+
+
+async def test_a_claim_goes_to_one_caller_until_it_expires(make_store):
+    first, second = make_store(), make_store()
+    results = await asyncio.gather(*(store.claim("drift-hook/m/1", f"r{i}", 0.5)
+                                     for i, store in enumerate([first, second] * 5)))
+    assert results.count(True) == 1
+    assert await second.claim("drift-hook/m/2", "r", 0.5)  # another key
+    if make_store.kind == "file":
+        for store in (first, second):
+            store.clock = lambda: 10**10  # the file store's clock: the host's
+    else:
+        await asyncio.sleep(0.6)
+    assert await second.claim("drift-hook/m/1", "r", 0.5)  # expired: claimable again
