@@ -261,11 +261,12 @@ class GatewayServer:
             await self._barrier(settle)
             if self.dataplane.refused == refused or loop.time() >= settle:
                 break
+        if self._barrier_dir is not None:  # its listener lives on until gRPC stops
+            shutil.rmtree(self._barrier_dir, ignore_errors=True)
         if self._http is not None:
             await self._http.stop()
-        await self._grpc.stop(grace=max(deadline - loop.time(), 1.0))
-        if self._barrier_dir is not None:
-            shutil.rmtree(self._barrier_dir, ignore_errors=True)
+        # Every call is answered or about to be (a refusal); open streams end after a second.
+        await self._grpc.stop(grace=1.0)
         await self.control.stop()
         await self.repository.close()
         if self.monitoring is not None:
