@@ -107,7 +107,8 @@ class HttpFrontend:
                      (base + "/config", "GET", self.model_config, "ModelConfig"),
                      (base + "/stats", "GET", self.statistics, "ModelStatistics"),
                      (base + "/infer", "POST", self.infer, "ModelInfer")]
-        return [(path, (method,), handler, rpc if rpc.startswith("/") else INFERENCE + rpc)
+        return [(path, ("GET", "HEAD") if method == "GET" else (method,), handler,
+                 rpc if rpc.startswith("/") else INFERENCE + rpc)
                 for path, method, handler, rpc in rows]
 
     async def start(self, host: str, port: int, ssl_context=None, reuse_port: bool = False) -> int:

@@ -407,7 +407,9 @@ def test_unknown_paths_and_methods_answer_json(serving_gateway):
     status, _, body = fetch(f"{base}/v1/models")
     assert status == 404 and "is not an endpoint" in json.loads(body)["error"]
     status, headers, body = fetch(f"{base}/v2/health/ready", b"{}")
-    assert status == 405 and headers["Allow"] == "GET" and "use GET" in json.loads(body)["error"]
+    assert status == 405 and headers["Allow"] == "GET, HEAD", headers
+    assert "use GET" in json.loads(body)["error"]
+    assert fetch(f"{base}/v2/health/ready", method="HEAD")[0] == 200  # probes may use HEAD
     status, _, body = fetch(f"{base}/v2/models/mlp/infer")
     assert status == 405 and "use POST" in json.loads(body)["error"]
 
