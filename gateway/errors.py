@@ -8,6 +8,9 @@ else that escapes is our bug and is reported as INTERNAL without its text.
 
 from __future__ import annotations
 
+# A model version could not be loaded: raised by runtimes too, which import nothing of gateway/.
+from runtimes.base import ModelLoadError  # noqa: F401
+
 ECHO_LIMIT = 128  # characters of a caller's value that an error message repeats
 
 
@@ -79,7 +82,3 @@ class ModelExecutionError(GatewayError):
     """The model itself failed while running a batch: the caller's request was well formed."""
 
     code = "INTERNAL"
-
-
-class ModelLoadError(Exception):
-    """A model version could not be loaded; the reason is shown in RepositoryIndex."""

@@ -19,7 +19,7 @@ import numpy as np
 from gateway.batching import Instance
 from gateway.errors import ModelLoadError
 from gateway.modelconfig import ModelConfig, complete_config, validate
-from gateway.protocol.pb import model_config_pb2 as mc
+from gateway.modelconfig_pb import model_config_pb2 as mc
 from gateway.tensors import DATATYPE_TO_DTYPE
 from runtimes import RuntimeOptions, load_runtime
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from gateway.errors import ModelLoadError
-from gateway.protocol.pb import model_config_pb2 as mc
+from gateway.modelconfig_pb import model_config_pb2 as mc
 from gateway.tensors import DATATYPES, TensorSpec
 from runtimes.base import ModelIO
 

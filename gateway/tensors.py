@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Defined with the runtimes (which import nothing of gateway/), used across the core.
+from runtimes.base import TensorSpec  # noqa: F401
+
 # KServe V2 datatype name -> numpy dtype (little-endian, as on the wire). BYTES has no fixed size.
 DATATYPE_TO_DTYPE: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -42,20 +45,6 @@ def datatype_of(array: np.ndarray) -> str:
         return DTYPE_TO_DATATYPE[dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype]
     except KeyError:
         raise TypeError(f"numpy dtype {dtype} has no KServe datatype") from None
-
-
-@dataclass(slots=True)
-class TensorSpec:
-    """A declared model input or output: name, datatype and dims (-1 = variable).
-
-    For batching models ``dims`` excludes the batch dimension, as in Triton's config.pbtxt.
-    """
-
-    name: str
-    datatype: str
-    dims: tuple[int, ...]
-    optional: bool = False
-    reshape: tuple[int, ...] | None = None  # the shape the model sees, when it differs from dims
 
 
 @dataclass(slots=True)

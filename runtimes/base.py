@@ -4,6 +4,9 @@ A runtime is one executable copy of a model on one device. ``run`` is blocking a
 from a worker thread, never from the event loop; implementations must release the GIL while the
 model computes (ONNX Runtime does). Everything else about the model (names, types, dims) is
 reported once, at load, as ``ModelIO``.
+
+This package imports nothing from ``gateway/``: the tensor spec and the load error it needs are
+defined here, and the gateway re-exports them (``gateway.tensors``, ``gateway.errors``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,24 @@ from typing import Protocol
 
 import numpy as np
 
-from gateway.tensors import TensorSpec
+
+@dataclass(slots=True)
+class TensorSpec:
+    """A declared model input or output: name, datatype and dims (-1 = variable).
+
+    ``datatype`` is a KServe V2 name (``FP32``, ``BYTES`` ...). For batching models ``dims``
+    excludes the batch dimension, as in Triton's config.pbtxt.
+    """
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    optional: bool = False
+    reshape: tuple[int, ...] | None = None  # the shape the model sees, when it differs from dims
+
+
+class ModelLoadError(Exception):
+    """A model version could not be loaded; the reason is shown in RepositoryIndex."""
 
 
 class ExecutionError(Exception):

@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from gateway.errors import ModelLoadError
-from gateway.tensors import TensorSpec
-from runtimes.base import ExecutionError, ModelIO, RuntimeOptions
+from runtimes.base import ExecutionError, ModelIO, ModelLoadError, RuntimeOptions, TensorSpec
 
 log = logging.getLogger(__name__)
 

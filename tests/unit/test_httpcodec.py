@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gateway.errors import InvalidArgument, Unimplemented
+from gateway.modelconfig_pb import model_config_pb2 as mc
 from gateway.protocol.http import STATUS, proto_json
 from gateway.protocol.httpcodec import (
     JSON_VALUES,
@@ -16,7 +17,6 @@ from gateway.protocol.httpcodec import (
     encode_infer,
     parse_json,
 )
-from gateway.protocol.pb import model_config_pb2 as mc
 from gateway.tensors import InferResponse, Tensor
 
 

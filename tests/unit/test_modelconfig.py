@@ -18,7 +18,7 @@ from gateway.modelconfig import (
     read_config_file,
     validate,
 )
-from gateway.protocol.pb import model_config_pb2 as mc
+from gateway.modelconfig_pb import model_config_pb2 as mc
 from gateway.tensors import TensorSpec
 from runtimes.base import ModelIO
 

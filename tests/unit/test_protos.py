@@ -57,7 +57,7 @@ DUMP = textwrap.dedent(
 TRITON_MODULES = ["tritonclient.grpc.service_pb2", "tritonclient.grpc.model_config_pb2"]
 OUR_MODULES = [
     "gateway.protocol.pb.grpc_service_pb2",
-    "gateway.protocol.pb.model_config_pb2",
+    "gateway.modelconfig_pb.model_config_pb2",
 ]
 
 
