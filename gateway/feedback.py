@@ -14,16 +14,23 @@ Inferred: the first integer or string output with one value per row is a class l
 float output with several values per row is class scores (the prediction is the argmax), and
 one with a single value per row is a regression. Only requests with a non-empty id are kept,
 and only for enabled models: on the request path that is one dict lookup, a small argmax or
-slice of the response, and one insert into a bounded ordered dict, with no logging. The store
-is bounded by count and by (estimated) bytes; request ids over ``MAX_ID_LENGTH`` characters are
-not kept.
+slice of the response, and one append, with no logging. Request ids over ``MAX_ID_LENGTH``
+characters are not kept.
+
+Shared (``gateway serve`` always shares): predictions go to the fleet's prediction table
+(gateway/control/predictions.py: Redis with a fleet store, SQLite beside the file store) in
+batches every ``FLUSH_S``, labels are joined there whichever process made the prediction, and
+per-version totals are counted there, so every process reports the same accuracy. Without a
+shared table (unit tests, embedding) predictions stay in this process, bounded by count and by
+(estimated) bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -40,6 +47,9 @@ _ENTRY_BYTES = 240  # one kept entry besides its id and values: dict slot, tuple
 VALUE, ARGMAX = 0, 1  # how a prediction is read from its output
 INTEGERS = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL"}
 FLOATS = {"FP16", "FP32", "FP64"}
+FLUSH_S = 0.1  # predictions reach the shared table within this
+TOTALS_S = 1.0  # the fleet's totals are read back this often
+OUTBOX_MAX = 200_000  # predictions waiting for the next flush; beyond, the oldest are dropped
 
 
 class SettingsError(ValueError):
@@ -162,6 +172,7 @@ class ModelFeedback:
         self.kept_bytes = 0  # estimated memory of ``kept`` (see entry_bytes)
         self.long_ids = 0  # requests whose id was too long to keep
         self.lock = threading.Lock()  # totals are read by the metrics thread
+        self.outbox: deque | None = None  # set when predictions go to the shared table
 
     def record(self, request_id: str, served, outputs: list, rows: int) -> None:
         """Request path: keep this request's prediction (never raises, never logs per call)."""
@@ -181,6 +192,9 @@ class ModelFeedback:
             data = outputs[index].reshape(rows, -1)
             values = (data.argmax(axis=1) if how == ARGMAX else data[:, 0]).tolist()
         except Exception:
+            return
+        if self.outbox is not None:
+            self.outbox.append((self.model, request_id, served.version, values))
             return
         kept = self.kept
         old = kept.get(request_id)
@@ -211,35 +225,51 @@ class ModelFeedback:
         return index, how
 
     def label(self, request_id: str, labels: list[str]) -> str | None:
-        """Join one label set; None when the id is unknown, else "" or a refusal message."""
+        """Join one label set kept here; None when the id is unknown, else "" or a refusal."""
         entry = self.kept.get(request_id)
         if entry is None:
             self.unmatched += 1
             return None
         version, predictions = entry
+        judged = self.judge(request_id, predictions, labels)
+        if isinstance(judged, str):
+            return judged
+        del self.kept[request_id]
+        self.kept_bytes -= entry_bytes(request_id, predictions)
+        self.count(version, len(labels), *judged)
+        return ""
+
+    def judge(self, request_id: str, predictions: list,
+              labels: list[str]) -> tuple[int, float] | str:
+        """(correct, sum of absolute errors) of one request's labels, or why they are refused."""
         if len(labels) != len(predictions):
             return (f"request '{echo(request_id)}' had {len(predictions)} row(s); "
                     f"{len(labels)} label(s) given")
-        regression = self.kind == "regression"
-        if regression:
+        if self.kind == "regression":
             try:
-                errors = [abs(float(p) - float(label)) for p, label in zip(predictions, labels)]
+                return 0, sum(abs(float(p) - float(label))
+                              for p, label in zip(predictions, labels))
             except ValueError:
                 return f"request '{echo(request_id)}': regression labels must be numbers"
-            correct = 0
-        else:
-            errors = []
-            correct = sum(_same(p, label) for p, label in zip(predictions, labels))
-        del self.kept[request_id]
-        self.kept_bytes -= entry_bytes(request_id, predictions)
+        return sum(_same(p, label) for p, label in zip(predictions, labels)), 0.0
+
+    def count(self, version: str, labelled: int, correct: int, abs_error: float) -> None:
         with self.lock:
             totals = self.totals.get(version)
             if totals is None:
                 totals = self.totals[version] = VersionTotals()
-            totals.labelled += len(labels)
+            totals.labelled += labelled
             totals.correct += correct
-            totals.abs_error += sum(errors)
-        return ""
+            totals.abs_error += abs_error
+
+    def set_totals(self, totals: dict[str, tuple[int, int, float]]) -> None:
+        """Replace the totals with the fleet's (from the shared table)."""
+        fresh = {}
+        for version, (labelled, correct, abs_error) in totals.items():
+            t = fresh[version] = VersionTotals()
+            t.labelled, t.correct, t.abs_error = labelled, correct, abs_error
+        with self.lock:
+            self.totals = fresh
 
     def snapshot(self) -> list[tuple[str, int, int, float]]:
         """(version, labelled, correct, sum of absolute errors), by version."""
@@ -277,10 +307,13 @@ def _same(prediction, label: str) -> bool:
 class FeedbackStore:
     """Feedback of every enabled model; installs the record hooks into the data plane."""
 
-    def __init__(self, repository, dataplane):
+    def __init__(self, repository, dataplane, shared=None):
         self.repository = repository
         self.dataplane = dataplane
         self.models: dict[str, ModelFeedback] = {}
+        self.shared = shared  # gateway.control.predictions.SharedPredictions, or None
+        self.outbox: deque | None = deque(maxlen=OUTBOX_MAX) if shared is not None else None
+        self.flush_failures = 0
         repository.on_change.append(self.model_changed)
 
     def model_changed(self, model: str) -> None:
@@ -298,8 +331,10 @@ class FeedbackStore:
             current = ModelFeedback(model, settings) if current is None else \
                 _carry_over(current, settings)
             self.models[model] = current
-            log.info("model '%s': feedback on (keeping up to %d request ids)", model,
-                     settings.capacity)
+            current.outbox = self.outbox
+            log.info("model '%s': feedback on (%s)", model,
+                     "predictions shared by every process" if self.outbox is not None else
+                     f"keeping up to {settings.capacity} request ids")
         current.plans.clear()
         for served in entry.serving.values():
             current._plan(served)
@@ -314,28 +349,101 @@ class FeedbackStore:
                            f"'feedback: {{}}' to its {FILENAME} (and send requests with an id)")
         return feedback
 
-    def label(self, model: str, items: list[tuple[str, list[str]]]):
+    async def label(self, model: str, items: list[tuple[str, list[str]]]):
         """(matched, unknown ids, refusals) for labels of earlier request ids."""
         feedback = self._get(model)
         matched, unknown, errors = 0, [], []
+        valid = []
         for request_id, labels in items:
             if not request_id:
                 errors.append("a label without a request id")
-                continue
-            if not labels:
+            elif not labels:
                 errors.append(f"request '{echo(request_id)}': no label given")
-                continue
-            outcome = feedback.label(request_id, labels)
-            if outcome is None:
-                unknown.append(request_id)
-            elif outcome:
-                errors.append(outcome)
             else:
-                matched += 1
+                valid.append((request_id, labels))
+        if self.shared is None:
+            for request_id, labels in valid:
+                outcome = feedback.label(request_id, labels)
+                if outcome is None:
+                    unknown.append(request_id)
+                elif outcome:
+                    errors.append(outcome)
+                else:
+                    matched += 1
+            return matched, unknown, errors
+        await self.flush()  # this process's latest predictions first
+        taken = await self.shared.take(model, [request_id for request_id, _ in valid])
+        counts: dict[str, list] = {}
+        for request_id, labels in valid:
+            entry = taken.get(request_id)
+            if entry is None:
+                unknown.append(request_id)
+                feedback.unmatched += 1
+                continue
+            version, predictions = entry
+            judged = feedback.judge(request_id, predictions, labels)
+            if isinstance(judged, str):  # refused: the prediction goes back for a corrected label
+                errors.append(judged)
+                await self.shared.put(model, [(request_id, version, predictions)])
+                continue
+            matched += 1
+            total = counts.setdefault(version, [0, 0, 0.0])
+            total[0] += len(labels)
+            total[1] += judged[0]
+            total[2] += judged[1]
+        for version, (labelled, correct, abs_error) in counts.items():
+            await self.shared.add(model, version, labelled, correct, abs_error)
+        feedback.set_totals(await self.shared.totals(model))
         return matched, unknown, errors
+
+    async def flush(self) -> None:
+        """Send the predictions recorded since the last flush to the shared table."""
+        outbox = self.outbox
+        if not outbox:
+            return
+        taken = [outbox.popleft() for _ in range(len(outbox))]
+        batches: dict[str, list] = {}
+        for model, request_id, version, values in taken:
+            batches.setdefault(model, []).append((request_id, version, values))
+        sent = set()
+        try:
+            for model, items in batches.items():
+                await self.shared.put(model, items)
+                sent.add(model)
+        except BaseException:  # not sent: back in front of newer ones (the outbox is bounded)
+            outbox.extendleft(reversed([t for t in taken if t[0] not in sent]))
+            raise
+
+    async def run(self) -> None:
+        """Flush predictions every FLUSH_S and read the fleet's totals every TOTALS_S."""
+        loop = asyncio.get_running_loop()
+        next_totals = 0.0
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            try:
+                await self.flush()
+                if loop.time() >= next_totals:
+                    next_totals = loop.time() + TOTALS_S
+                    for model, feedback in list(self.models.items()):
+                        feedback.set_totals(await self.shared.totals(model))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store is down: predictions wait (bounded) and retry
+                self.flush_failures += 1
+                if self.flush_failures in (1, 10, 100) or self.flush_failures % 1000 == 0:
+                    log.error("feedback: the shared prediction table failed (%d times): %s",
+                              self.flush_failures, getattr(exc, "message", exc))
 
     def status(self, model: str) -> ModelFeedback:
         return self._get(model)
+
+    async def current(self, model: str) -> ModelFeedback:
+        """The model's feedback with the fleet's totals read just now (the same answer from
+        every process)."""
+        feedback = self._get(model)
+        if self.shared is not None:
+            feedback.set_totals(await self.shared.totals(model))
+        return feedback
 
     def quality(self, model: str, version: str) -> tuple[str, int, float] | None:
         """(kind, labelled, accuracy or mean absolute error) of one version, if labelled."""
@@ -369,7 +477,8 @@ class FeedbackCollector:
 
         labelled = CounterMetricFamily(
             "gateway_feedback_labelled", "Predictions joined to a ground-truth label, by model "
-            "and version", labels=["model", "version"])
+            "and version (the fleet's total: every replica reports the same)",
+            labels=["model", "version"])
         accuracy = GaugeMetricFamily(
             "gateway_feedback_accuracy_ratio", "Share of labelled predictions that were right "
             "(classification models)", labels=["model", "version"])

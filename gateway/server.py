@@ -24,6 +24,7 @@ from gateway.auth import AuthInterceptor, TokenAuthenticator
 from gateway.config import Settings
 from gateway.control import ControlPlane, open_store
 from gateway.control.filestore import FileStore
+from gateway.control.predictions import shared_predictions
 from gateway.dataplane import DataPlane
 from gateway.errors import Unavailable
 from gateway.feedback import FeedbackCollector, FeedbackStore
@@ -60,7 +61,8 @@ class GatewayServer:
         self.rollouts = self.control.rollouts
         self.dataplane = DataPlane(self.router, settings.max_inflight,
                                    settings.max_inflight_per_model)
-        self.feedback = FeedbackStore(self.repository, self.dataplane)
+        self.feedback = FeedbackStore(self.repository, self.dataplane,
+                                      shared_predictions(store))
         self.rollouts.quality = self.feedback.quality  # for min_accuracy_ratio
         self.registry = RegistryService(self.repository, self.traffic, self.rollouts)
         self.health = health.aio.HealthServicer()
@@ -130,6 +132,7 @@ class GatewayServer:
         await self._load_initial_models()
         if s.control_mode == "poll":
             self._tasks.append(asyncio.create_task(self._poll(), name="repository-poll"))
+        self._tasks.append(asyncio.create_task(self.feedback.run(), name="feedback"))
         self._ready = True
         await self.health.set("", SERVING)
 
@@ -267,6 +270,11 @@ class GatewayServer:
             await self._http.stop()
         # Every call is answered or about to be (a refusal); open streams end after a second.
         await self._grpc.stop(grace=1.0)
+        try:  # the last predictions, for labels that come after this replica is gone
+            await asyncio.wait_for(self.feedback.flush(), 5.0)
+        except Exception as exc:
+            log.warning("feedback: predictions not shared before stopping: %s",
+                        getattr(exc, "message", exc))
         await self.control.stop()
         await self.repository.close()
         if self.monitoring is not None:

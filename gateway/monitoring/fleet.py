@@ -41,6 +41,10 @@ GAUGE_MODES = {
     "process_open_fds": SUM,
     "process_start_time_seconds": MIN,
 }
+# Families every worker reports for the whole fleet (read from the shared store): any one of
+# them is the figure, adding them up would count it once per worker.
+FLEET_WIDE = {"gateway_feedback_labelled", "gateway_feedback_accuracy_ratio",
+              "gateway_feedback_mean_absolute_error"}
 _COMBINE = {SUM: sum, MAX: max, MIN: min}
 
 
@@ -78,7 +82,12 @@ def merge(texts: list[str]) -> list[Metric]:
                 values[key].append(sample.value)
     merged = []
     for name, family in families.items():
-        mode = _COMBINE[GAUGE_MODES.get(name, MAX)] if family.type == "gauge" else sum
+        if name in FLEET_WIDE:
+            mode = max
+        elif family.type == "gauge":
+            mode = _COMBINE[GAUGE_MODES.get(name, MAX)]
+        else:
+            mode = sum
         for key in order[name]:
             _, sample_name, labels = key
             family.add_sample(sample_name, dict(labels), mode(values[key]))

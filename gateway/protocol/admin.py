@@ -281,8 +281,8 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
 
     # ---- feedback -------------------------------------------------------------------------
 
-    def _feedback_status(self, model: str) -> apb.FeedbackStatus:
-        feedback = self.feedback.status(model)
+    async def _feedback_status(self, model: str) -> apb.FeedbackStatus:
+        feedback = await self.feedback.current(model)
         status = apb.FeedbackStatus(model=model, kind=feedback.kind, output=feedback.output,
                                     kept=len(feedback.kept),
                                     capacity=feedback.settings.capacity,
@@ -306,13 +306,14 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
         model = check_model_name(request.model)
         if len(request.labels) > MAX_FEEDBACK_ITEMS:
             raise InvalidArgument(f"at most {MAX_FEEDBACK_ITEMS} labels per call")
-        matched, unknown, errors = self.feedback.label(
+        matched, unknown, errors = await self.feedback.label(
             model, [(item.id, list(item.labels)) for item in request.labels])
         return apb.FeedbackResponse(matched=matched, unknown=len(unknown),
                                     unknown_ids=[i[:128] for i in unknown[:20]],
-                                    errors=errors[:20], status=self._feedback_status(model))
+                                    errors=errors[:20],
+                                    status=await self._feedback_status(model))
 
     @handles_errors
     async def GetFeedback(self, request, context):
         self._need_feedback()
-        return self._feedback_status(check_model_name(request.model))
+        return await self._feedback_status(check_model_name(request.model))

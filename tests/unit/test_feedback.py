@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from gateway.control.predictions import SqlitePredictions, shared_predictions
+from gateway.control.store import StoreUnavailable
 from gateway.dataplane import DataPlane
 from gateway.errors import NotFound
 from gateway.feedback import (
@@ -176,12 +178,13 @@ class Repo:
         self.on_change = []
 
 
-def test_the_store_follows_gateway_yaml(tmp_path):
+@pytest.mark.parametrize("shared", [False, True], ids=["local", "shared"])
+async def test_the_store_follows_gateway_yaml(tmp_path, shared):
     (tmp_path / "m").mkdir()
     entry = SimpleNamespace(serving={"1": served()})
     repo = Repo(tmp_path, {"m": entry})
     plane = SimpleNamespace(feedback={})
-    store = FeedbackStore(repo, plane)
+    store = FeedbackStore(repo, plane, SqlitePredictions(tmp_path / "state") if shared else None)
     assert repo.on_change == [store.model_changed]
     store.model_changed("m")
     assert plane.feedback == {}
@@ -194,8 +197,8 @@ def test_the_store_follows_gateway_yaml(tmp_path):
     assert plane.feedback["m"] == store.models["m"].record
     assert store.models["m"].kind == "classification" and store.models["m"].output == "label"
     plane.feedback["m"]("req", entry.serving["1"], [np.array([2]), np.zeros((1, 3))], 1)
-    matched, unknown, errors = store.label("m", [("req", ["2"]), ("other", ["1"]), ("", ["1"]),
-                                                 ("x", [])])
+    matched, unknown, errors = await store.label("m", [("req", ["2"]), ("other", ["1"]),
+                                                       ("", ["1"]), ("x", [])])
     assert (matched, unknown) == (1, ["other"])
     assert errors == ["a label without a request id", "request 'x': no label given"]
     assert store.quality("m", "1") == ("classification", 1, 1.0)
@@ -220,7 +223,7 @@ def test_a_broken_gateway_yaml_turns_feedback_off(tmp_path, caplog):
                for r in caplog.records)
 
 
-def test_the_collector_exports_per_version_scores(tmp_path):
+async def test_the_collector_exports_per_version_scores(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "r").mkdir()
     for name in ("c", "r"):
@@ -234,8 +237,8 @@ def test_the_collector_exports_per_version_scores(tmp_path):
     store.models["c"].record("a", classifier, [np.array([1]), np.zeros((1, 3))], 1)
     store.models["c"].record("b", classifier, [np.array([1]), np.zeros((1, 3))], 1)
     store.models["r"].record("a", regressor, [np.array([[2.0]])], 1)
-    store.label("c", [("a", ["1"]), ("b", ["0"]), ("nope", ["1"])])
-    store.label("r", [("a", ["2.5"])])
+    await store.label("c", [("a", ["1"]), ("b", ["0"]), ("nope", ["1"])])
+    await store.label("r", [("a", ["2.5"])])
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in FeedbackCollector(store).collect() for s in family.samples}
     assert samples[("gateway_feedback_accuracy_ratio", (("model", "c"), ("version", "1")))] \
@@ -276,3 +279,60 @@ def test_the_data_plane_keeps_predictions_of_requests_with_an_id_only():
 
     asyncio.run(run())
     assert dict(feedback.kept) == {"r1": ("1", [2])}
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_table(request, tmp_path):
+    """A factory of clients of one shared prediction table (one per process)."""
+    if request.param == "sqlite":
+        return lambda: SqlitePredictions(tmp_path / "state")
+    from gateway.control.redisstore import RedisStore
+
+    server = request.getfixturevalue("redis_server")
+    return lambda: shared_predictions(RedisStore(server.url))
+
+
+async def test_a_label_sent_to_any_process_joins_the_prediction_of_another(tmp_path,
+                                                                          shared_table):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "gateway.yaml").write_text("feedback: {}\n")
+    entry = SimpleNamespace(serving={"1": served(), "2": served(version="2")})
+    stores = []
+    for _ in range(2):
+        store = FeedbackStore(Repo(tmp_path, {"m": entry}), SimpleNamespace(feedback={}),
+                              shared_table())
+        store.model_changed("m")
+        stores.append(store)
+    first, second = stores
+    for i in range(10):  # first serves the requests...
+        first.models["m"].record(f"r{i}", entry.serving["1" if i < 6 else "2"],
+                                 [np.array([i % 3]), np.zeros((1, 3))], 1)
+    await first.flush()
+    # ... second gets their labels: every one joins, once.
+    labels = [(f"r{i}", [str(i % 3 if i % 2 == 0 else 5)]) for i in range(10)]
+    assert (await second.label("m", labels))[:2] == (10, [])
+    assert (await first.label("m", labels[:3]))[:2] == (0, ["r0", "r1", "r2"])
+    # Both report the fleet's totals, whichever is asked.
+    await first.label("m", [])
+    for store in stores:
+        assert store.quality("m", "1") == ("classification", 6, 0.5)
+        assert store.quality("m", "2") == ("classification", 4, 0.5)
+    for store in stores:
+        await store.shared.close()
+
+
+async def test_predictions_wait_for_a_store_that_is_down(tmp_path):
+    class Down(SqlitePredictions):
+        async def put(self, model, items):
+            raise StoreUnavailable("down")
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "gateway.yaml").write_text("feedback: {}\n")
+    entry = SimpleNamespace(serving={"1": served()})
+    store = FeedbackStore(Repo(tmp_path, {"m": entry}), SimpleNamespace(feedback={}),
+                          Down(tmp_path / "state"))
+    store.model_changed("m")
+    store.models["m"].record("a", entry.serving["1"], [np.array([1]), np.zeros((1, 3))], 1)
+    with pytest.raises(StoreUnavailable):
+        await store.flush()
+    assert len(store.outbox) == 1  # kept for the next flush
