@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from gateway.batch.cli import add_score_parser
 from gateway.commands import (
     feedback_command,
     list_models,
@@ -289,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     feedback.add_argument("--file", type=Path, metavar="labels.csv",
                           help="id,label rows (more label columns for batched requests)")
     feedback.set_defaults(func=feedback_command)
+
+    add_score_parser(sub)  # gateway score: batch scoring (gateway/batch/)
 
     bench = sub.add_parser("bench", add_help=False,
                            help="load-test an endpoint (python -m bench; `gateway bench --help`)")
