@@ -18,10 +18,12 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote
 
 from gateway.control.store import (
     Change,
@@ -46,7 +48,7 @@ class FileStore(Store):
         self.path = self.dir / "state.json"
         self.audit_path = self.dir / "audit.jsonl"
         self.lock_path = self.dir / "state.lock"
-        self.figures_dir = self.dir / "figures"
+        self.records_dir = self.dir / "records"
         self.url = f"file://{self.dir}"
         self.poll_interval = poll_interval
         self.clock = clock
@@ -211,28 +213,29 @@ class FileStore(Store):
             raise StoreUnavailable(f"cannot write a claim in {self.dir}: "
                                    f"{exc.strerror or exc}") from None
 
-    # ---- rollout figures: one small file per model and replica ------------------------------
+    # ---- per-replica records: one small file per topic and replica ---------------------------
 
-    def _figures_path(self, model: str, replica: str) -> Path:
-        return self.figures_dir / f"{model}@{replica.replace('/', '_')}.json"
+    def _topic_dir(self, topic: str) -> Path:
+        return self.records_dir / quote(topic, safe="")
 
-    async def put_figures(self, model: str, replica: str, figures: dict) -> None:
+    async def put_record(self, topic: str, replica: str, record: dict) -> None:
         def write():
-            self.figures_dir.mkdir(parents=True, exist_ok=True)
-            path = self._figures_path(model, replica)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(encode(figures))
+            directory = self._topic_dir(topic)
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / f"{quote(replica, safe='')}.json"
+            tmp = directory / f".{path.name}.tmp{os.getpid()}"
+            tmp.write_text(encode(record))
             os.replace(tmp, path)
         try:
             await asyncio.to_thread(write)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot write rollout figures in {self.figures_dir}: "
+            raise StoreUnavailable(f"cannot write replica records in {self.records_dir}: "
                                    f"{exc.strerror or exc}") from None
 
-    async def get_figures(self, model: str) -> list[dict]:
+    async def records(self, topic: str) -> list[dict]:
         def read():
             found = []
-            for path in self.figures_dir.glob(f"{model}@*.json"):
+            for path in self._topic_dir(topic).glob("*.json"):
                 try:
                     found.append(json.loads(path.read_text()))
                 except (OSError, ValueError):
@@ -240,8 +243,11 @@ class FileStore(Store):
             return found
         return await asyncio.to_thread(read)
 
-    async def clear_figures(self, model: str) -> None:
+    async def clear_records(self, topic: str, replica: str | None = None) -> None:
         def clear():
-            for path in self.figures_dir.glob(f"{model}@*"):
-                path.unlink(missing_ok=True)
+            directory = self._topic_dir(topic)
+            if replica is not None:
+                (directory / f"{quote(replica, safe='')}.json").unlink(missing_ok=True)
+            else:
+                shutil.rmtree(directory, ignore_errors=True)
         await asyncio.to_thread(clear)

@@ -6,7 +6,8 @@ Layout (one hash tag, so a Redis Cluster keeps every key on one slot):
 - ``{gateway}:revs``      hash ``section/key`` -> the revision that last wrote it
 - ``{gateway}:revision``  the store revision (INCR)
 - ``{gateway}:audit``     the audit log, a stream capped at ``AUDIT_MAXLEN`` records
-- ``{gateway}:figures:M`` hash replica -> that replica's rollout figures for model M
+- ``{gateway}:records:T`` hash replica -> that replica's record under topic T (rollout
+  figures of a model, membership)
 - channel ``{gateway}:changes``  the new revision after every commit
 
 A commit is one Lua script: it checks every expected revision, bumps the counter, writes the
@@ -42,7 +43,7 @@ from gateway.control.store import (
 log = logging.getLogger(__name__)
 PREFIX = "{gateway}"
 AUDIT_MAXLEN = 100_000
-FIGURES_TTL_S = 24 * 3600
+RECORDS_TTL_S = 24 * 3600  # a topic nobody writes any more goes away
 RESYNC_S = 10.0  # a full re-read this often even without notifications
 TIMEOUT_S = 3.0  # per command: a dead store fails operator changes fast, never hangs them
 
@@ -200,18 +201,18 @@ class RedisStore(Store):
                 except (RedisError, OSError):
                     pass
 
-    async def put_figures(self, model: str, replica: str, figures: dict) -> None:
-        key = f"{PREFIX}:figures:{model}"
+    async def put_record(self, topic: str, replica: str, record: dict) -> None:
+        key = f"{PREFIX}:records:{topic}"
         try:
             async with self.client.pipeline(transaction=True) as pipe:
-                await pipe.hset(key, replica, encode(figures)).expire(key, FIGURES_TTL_S) \
+                await pipe.hset(key, replica, encode(record)).expire(key, RECORDS_TTL_S) \
                     .execute()
         except (RedisError, OSError) as exc:
             raise self._down(exc) from None
 
-    async def get_figures(self, model: str) -> list[dict]:
+    async def records(self, topic: str) -> list[dict]:
         try:
-            values = await self.client.hgetall(f"{PREFIX}:figures:{model}")
+            values = await self.client.hgetall(f"{PREFIX}:records:{topic}")
         except (RedisError, OSError) as exc:
             raise self._down(exc) from None
         found = []
@@ -222,9 +223,13 @@ class RedisStore(Store):
                 continue
         return found
 
-    async def clear_figures(self, model: str) -> None:
+    async def clear_records(self, topic: str, replica: str | None = None) -> None:
+        key = f"{PREFIX}:records:{topic}"
         try:
-            await self.client.delete(f"{PREFIX}:figures:{model}")
+            if replica is None:
+                await self.client.delete(key)
+            else:
+                await self.client.hdel(key, replica)
         except (RedisError, OSError) as exc:
             raise self._down(exc) from None
 

@@ -144,7 +144,7 @@ class RolloutController:
         if not rollout.active:
             return Window(0, 0, 0.0), Window(0, 0, 0.0)
         await self.publish(rollout.spec.model)
-        records = await self.store.get_figures(rollout.spec.model)
+        records = await self.store.records(f"figures/{rollout.spec.model}")
         return (merge(records, rollout.window, rollout.spec.to_version),
                 merge(records, rollout.window, rollout.spec.from_version))
 
@@ -408,12 +408,12 @@ class RolloutController:
         for name in models:
             counter.changed.discard(name)
             if name in counter.windows:
-                await self.store.put_figures(name, self.identity,
-                                             counter.export(name, self.identity, now))
+                await self.store.put_record(f"figures/{name}", self.identity,
+                                            counter.export(name, self.identity, now))
 
     async def _clear_figures(self, model: str) -> None:
         try:
-            await self.store.clear_figures(model)
+            await self.store.clear_records(f"figures/{model}")
         except StoreUnavailable as exc:
             log.warning("model '%s': old rollout figures stay in the store: %s", model,
                         exc.message)

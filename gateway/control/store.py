@@ -189,15 +189,18 @@ class Store(ABC):
         """Yields whenever the state may have changed (and once at every (re)connect); the
         follower then reads it whole, so no change is missed."""
 
-    # Rollout figures: each replica's counts of the current analysis window, per model.
+    # Per-replica records under a topic: each replica's rollout figures ("figures/MODEL"), its
+    # sign of life and what it has applied ("members"). Not revisioned: each replica writes
+    # only its own record, and a newer one replaces it.
     @abstractmethod
-    async def put_figures(self, model: str, replica: str, figures: dict) -> None: ...
+    async def put_record(self, topic: str, replica: str, record: dict) -> None: ...
 
     @abstractmethod
-    async def get_figures(self, model: str) -> list[dict]: ...
+    async def records(self, topic: str) -> list[dict]: ...
 
     @abstractmethod
-    async def clear_figures(self, model: str) -> None: ...
+    async def clear_records(self, topic: str, replica: str | None = None) -> None:
+        """Remove every replica's record under ``topic`` (or only ``replica``'s)."""
 
     @abstractmethod
     async def claim(self, key: str, holder: str, ttl_s: float) -> bool:

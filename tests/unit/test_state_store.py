@@ -124,17 +124,21 @@ async def test_change_notifications_reach_another_client(make_store):
     await changes.aclose()
 
 
-async def test_rollout_figures_per_replica(make_store):
+async def test_per_replica_records_by_topic(make_store):
     store = make_store()
-    await store.put_figures("m", "host:1", {"window": "w", "replica": "host:1"})
-    await store.put_figures("m", "host:2", {"window": "w", "replica": "host:2"})
-    await store.put_figures("m", "host:1", {"window": "w2", "replica": "host:1"})
-    await store.put_figures("other", "host:1", {"window": "z"})
-    found = sorted((f["replica"], f["window"]) for f in await store.get_figures("m"))
+    await store.put_record("figures/m", "host:1", {"window": "w", "replica": "host:1"})
+    await store.put_record("figures/m", "host:2", {"window": "w", "replica": "host:2"})
+    await store.put_record("figures/m", "host:1", {"window": "w2", "replica": "host:1"})
+    await store.put_record("figures/other", "host:1", {"window": "z"})
+    await store.put_record("members", "h/x:1", {"replica": "h/x:1"})
+    found = sorted((f["replica"], f["window"]) for f in await store.records("figures/m"))
     assert found == [("host:1", "w2"), ("host:2", "w")]
-    await store.clear_figures("m")
-    assert await store.get_figures("m") == []
-    assert len(await store.get_figures("other")) == 1
+    await store.clear_records("figures/m", "host:2")
+    assert [f["replica"] for f in await store.records("figures/m")] == ["host:1"]
+    await store.clear_records("figures/m")
+    assert await store.records("figures/m") == []
+    assert len(await store.records("figures/other")) == 1
+    assert [r["replica"] for r in await store.records("members")] == ["h/x:1"]
 
 
 async def test_the_store_clock_moves(make_store):
