@@ -148,7 +148,11 @@ class CsvSource(Source):
         super().__init__(path)
         self._parse = pacsv.ParseOptions(delimiter="\t" if ".tsv" in path.suffixes else ",")
         try:
-            reader = pacsv.open_csv(path, parse_options=self._parse)
+            # The header and the first block's types; a malformed row is reported when the
+            # chunks reach it, with where.
+            probe = pacsv.ParseOptions(delimiter=self._parse.delimiter,
+                                       invalid_row_handler=lambda row: "skip")
+            reader = pacsv.open_csv(path, parse_options=probe)
         except (pa.ArrowException, OSError) as exc:
             raise UsageError(f"input {path} is not a readable CSV file: {exc}") from None
         self.schema = reader.schema
@@ -158,21 +162,24 @@ class CsvSource(Source):
         convert = pacsv.ConvertOptions(
             include_columns=self.columns, strings_can_be_null=True,
             column_types={c: pa.string() for c in self.text_columns})
-        raw = open(self.path, "rb")  # noqa: SIM115 - closed when the generator ends
-        stream = pa.CompressedInputStream(raw, _compression(self.path)) \
-            if _compression(self.path) else raw
-        reader = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=1 << 22,
-                                                                       use_threads=False),
-                                parse_options=self._parse, convert_options=convert)
-
         def tables():
-            try:
-                for table in rechunk(_reading(reader, self.path), chunk_rows):
-                    self.bytes_read = raw.tell()
-                    yield table, {}
-            finally:
-                reader.close()
-                raw.close()
+            with open(self.path, "rb") as raw:
+                compression = _compression(self.path)
+                stream = pa.CompressedInputStream(raw, compression) if compression else raw
+                try:
+                    reader = pacsv.open_csv(
+                        stream, read_options=pacsv.ReadOptions(block_size=1 << 22,
+                                                               use_threads=False),
+                        parse_options=self._parse, convert_options=convert)
+                except pa.ArrowInvalid as exc:
+                    raise UsageError(f"{self.path.name}: the file stops parsing after row 0: "
+                                     f"{exc}") from None
+                try:
+                    for table in rechunk(_reading(reader, self.path), chunk_rows):
+                        self.bytes_read = raw.tell()
+                        yield table, {}
+                finally:
+                    reader.close()
         return self._numbered(tables())
 
 
