@@ -544,6 +544,12 @@ class RegistryService:
             raise
         version = str(published.version)
         entry = await self.repository.load(model)
+        spread = ""
+        if self.repository.broadcast is not None:  # every other process loads it too
+            done, live = await self.repository.broadcast(model, True, "publish")
+            if done < live:
+                spread = (f"; loaded by {done} of {live} gateway processes so far (the others "
+                          "are still loading)")
         if version in entry.serving:
             state, detail = "READY", ""
         else:
@@ -562,7 +568,7 @@ class RegistryService:
         elif canary is not None:
             await self._release(model, held, who)
             detail = f"{detail}; the canary did not start"
-        return published, state, detail, rollout
+        return published, state, (detail + spread).removeprefix("; "), rollout
 
     async def _hold_traffic(self, model: str, who: str) -> dict | None:
         """Before a canary's version appears, keep requests on what serves now: with no split

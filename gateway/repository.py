@@ -84,6 +84,9 @@ class Repository:
         self.execution_timeout_s = 0.0  # server default; a model's parameter overrides it
         self.max_inflight_per_model = 2048  # the data plane's; bounds lower priorities' shares
         self.on_load_failure = []  # callbacks(model, version ("" = the model), reason)
+        # async (model, loaded, action) -> (processes done, live processes): set by the server
+        # so an operator's load or unload reaches every process of the fleet
+        self.broadcast = None
 
     # ---- reading (request path) ----------------------------------------------------------
 
@@ -297,11 +300,24 @@ class Repository:
             reason = entry.reasons.get("") or "; ".join(
                 f"version {v}: {r}" for v, r in sorted(entry.reasons.items()))
             raise Unavailable(f"model '{name}' failed to load: {reason}")
+        await self._everywhere(name, True, "load")
 
     async def unload_requested(self, name: str) -> None:
         self._check_explicit("unload")
         check_model_name(name)
         await self.unload(name)
+        await self._everywhere(name, False, "unload")
+
+    async def _everywhere(self, name: str, loaded: bool, action: str) -> None:
+        """The other processes of the fleet follow (when ``broadcast`` is set, by the control
+        plane); refused when some did not within the time limit."""
+        if self.broadcast is None:
+            return
+        done, live = await self.broadcast(name, loaded, action)
+        if done < live:
+            raise Unavailable(f"model '{name}': {action} done by {done} of {live} gateway "
+                              "processes so far; the others are still at it or failed (see "
+                              "their logs and the repository index)")
 
     def abandon(self, message: str) -> None:
         """Answer every request queued or running in any version UNAVAILABLE (``message``)."""

@@ -130,6 +130,9 @@ class GatewayServer:
         # them (a 5% canary must not take 100% while the state is read).
         await self.control.start(wait_s=s.state_start_wait)
         await self._load_initial_models()
+        # Loads, unloads and publishes through any process reach every process from now on.
+        self.control.models.adopt_current(self.control.snapshot)
+        self.repository.broadcast = self.control.models.broadcast
         if s.control_mode == "poll":
             self._tasks.append(asyncio.create_task(self._poll(), name="repository-poll"))
         self._tasks.append(asyncio.create_task(self.feedback.run(), name="feedback"))

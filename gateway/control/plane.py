@@ -18,6 +18,7 @@ import socket
 import time
 
 from gateway.control.figures import WindowCounter
+from gateway.control.models import ModelControl
 from gateway.control.rollouts import RolloutController
 from gateway.control.store import (
     Change,
@@ -46,6 +47,7 @@ class ControlPlane:
         self.traffic = TrafficControl(self)
         self.rollouts = (RolloutController(self) if lease_s is None
                          else RolloutController(self, lease_s))
+        self.models = ModelControl(self, router.repository)
         self._tasks: list[asyncio.Task] = []
 
     async def start(self, judge_interval: float = 1.0, wait_s: float = START_WAIT_S) -> None:
@@ -63,7 +65,8 @@ class ControlPlane:
                     break
                 await asyncio.sleep(0.5)
         self._tasks = [asyncio.create_task(self.follow(), name="state-follow"),
-                       asyncio.create_task(self.rollouts.run(judge_interval), name="rollouts")]
+                       asyncio.create_task(self.rollouts.run(judge_interval), name="rollouts"),
+                       asyncio.create_task(self.models.run(), name="membership")]
 
     async def refresh(self) -> Snapshot:
         """Read the whole state and serve it."""
@@ -111,6 +114,7 @@ class ControlPlane:
             self.counter.follow(model, None)
         for model, rollout in self.rollouts.rollouts.items():
             self.counter.follow(model, rollout.window if rollout.active else None)
+        self.models.apply(snapshot)
 
     def _mark(self, up: bool, why: str) -> None:
         if up and not self.store_up:
@@ -148,6 +152,7 @@ class ControlPlane:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await asyncio.wait_for(self.rollouts.release(), 3.0)
+            await asyncio.wait_for(self.models.leave(), 3.0)
         except (StoreUnavailable, TimeoutError):
             pass
         except Exception:
