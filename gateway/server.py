@@ -147,7 +147,9 @@ class GatewayServer:
         from gateway.monitoring import Monitoring
 
         self.monitoring = Monitoring(self.repository, self.router, self.dataplane,
-                                     s.gpu_sample_interval, s.drift_interval)
+                                     s.gpu_sample_interval, s.drift_interval,
+                                     fleet=(self.control.store, self.control.identity,
+                                            asyncio.get_running_loop()))
         self.monitoring.registry.register(FeedbackCollector(self.feedback))
         from gateway.monitoring.control import ControlCollector
 

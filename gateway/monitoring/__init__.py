@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from gateway.monitoring.drift import DriftEngine
+from gateway.monitoring.drift import DriftEngine, fleet_claim
 from gateway.monitoring.gpu import GpuSampler
 from gateway.monitoring.metrics import GatewayCollector, ServingMetrics
 from gateway.monitoring.stats import read_baseline, write_baseline
@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 class Monitoring:
     def __init__(self, repository, router, dataplane, gpu_sample_interval: float = 5.0,
-                 drift_interval: float = 1.0):
+                 drift_interval: float = 1.0, fleet=None):
+        """``fleet``: (state store, this process's identity, the server's event loop), so a
+        drift hook is called once per fleet (see drift.fleet_claim); None: once per process."""
         from prometheus_client import CollectorRegistry, ProcessCollector
 
         self.repository = repository
@@ -30,7 +32,8 @@ class Monitoring:
         self.registry = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.registry)
         self.gpu = GpuSampler(gpu_sample_interval)
-        self.drift = DriftEngine(repository, drift_interval)
+        claim = fleet_claim(*fleet) if fleet is not None else None
+        self.drift = DriftEngine(repository, drift_interval, claim=claim)
         self.metrics = ServingMetrics(repository, self.drift)
         self.registry.register(GatewayCollector(self.metrics, repository, router, dataplane,
                                                 self.gpu, self.drift))

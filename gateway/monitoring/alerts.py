@@ -6,6 +6,8 @@ When any input of a model version is alerting, the model's hook is called with a
 then at most once per cooldown per model while drift persists; a hook is a command (payload on
 stdin, run in the model directory) or an HTTP POST. Hooks run on their own thread, never on the
 event loop nor on the statistics thread, and a slow or failing hook is logged, never fatal.
+With a fleet state store the hook thread first claims the call in the store, so several
+processes (``--workers``, replicas) seeing one drift episode call the hook once between them.
 """
 
 from __future__ import annotations
@@ -64,6 +66,27 @@ class HookRunner:
 
     def submit(self, hook: HookSettings, model: str, model_dir: Path, payload: dict):
         return self._executor.submit(self._call, hook, model, model_dir, payload)
+
+    def submit_claimed(self, hook: HookSettings, model: str, model_dir: Path, payload: dict,
+                       claim):
+        """Call the hook only if ``claim()`` says this process is the one to (once per fleet).
+        The future's result: "ok", "error", "suppressed" (another process calls it) or
+        "unclaimed" (the store did not answer: not called)."""
+        return self._executor.submit(self._claimed_call, hook, model, model_dir, payload, claim)
+
+    def _claimed_call(self, hook, model, model_dir, payload, claim) -> str:
+        try:
+            mine = claim()
+        except Exception as exc:  # the store is down or slow: better late than N times
+            detail = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            log.warning("drift hook of model '%s' not called yet: the state store did not say "
+                        "whether another process calls it (%s)", model, detail)
+            return "unclaimed"
+        if not mine:
+            log.info("drift hook of model '%s' not called here: another gateway process "
+                     "calls it", model)
+            return "suppressed"
+        return "ok" if self._call(hook, model, model_dir, payload) else "error"
 
     def _call(self, hook: HookSettings, model: str, model_dir: Path, payload: dict) -> bool:
         body = json.dumps(payload, sort_keys=True).encode()

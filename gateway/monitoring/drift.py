@@ -10,11 +10,22 @@ when the queue is full they are dropped; both are counted.
 
 Baseline: ``baseline.npz`` in the version directory (see ``stats``); without one, the first
 ``baseline_samples`` served samples become the baseline (quantile edges and proportions), and
-the window starts after them.
+the window starts after them. A baseline learned from served samples is persisted beside the
+version as ``baseline.served.npz`` (created only if absent, whole or not at all), so the first
+process of a fleet (``--workers``, replicas on one volume) to learn one sets it for all: the
+others take that file, at creation or as soon as it appears, and a reload or restart reads it
+instead of learning again from whatever is served then (drift included). A repository that
+cannot be written keeps the learned baseline in memory (logged once). Delete the file to have
+the baseline learned again.
+
+Hooks: when a fleet state store is given (``claim``), a drift hook is called only by the process
+that claims ``drift-hook/<model>`` in the store for the hook's cooldown, so one drift episode
+calls it once per fleet however many processes see it; the others count it as suppressed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
@@ -34,6 +45,7 @@ from gateway.monitoring.stats import (
     RunningStats,
     bin_counts,
     build_baseline,
+    create_baseline_file,
     pooled_column,
     proportions,
     psi,
@@ -44,6 +56,9 @@ from gateway.repository import file_signature
 
 log = logging.getLogger(__name__)
 BASELINE_FILE = "baseline.npz"
+SERVED_BASELINE_FILE = "baseline.served.npz"  # learned from served samples, written here
+CLAIM_TIMEOUT_S = 5.0  # how long a hook waits for the store to say whether it is this one's call
+CLAIM_RETRY_S = 10.0  # after the store could not answer, the next try at calling the hook
 NUMERIC = frozenset({"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32",
                      "INT64", "FP16", "FP32", "FP64"})
 MAX_POOLED_PER_UPDATE = 100_000  # values of a whole-tensor input examined per update
@@ -145,6 +160,20 @@ class InputMonitor:
             self._window_rows -= rows_out
         self._score()
 
+    def adopt(self, baseline: Baseline) -> None:
+        """Use ``baseline`` (another process's, learned from served samples) from now on."""
+        self.baseline = baseline
+        self.source = "served"
+        self._buffer, self._buffer_rows = [], 0
+        self._window.clear()  # counted against other edges
+        self._window_counts, self._window_rows = None, 0
+        self._score()
+
+    @property
+    def learning(self) -> bool:
+        """Samples are being collected for a served baseline."""
+        return self.baseline is None and self._buffer_rows > 0
+
     def _score(self) -> None:
         if self.baseline is None or self._window_rows < self.settings.min_samples:
             self.score = self.feature_scores = self.window_proportions = None
@@ -162,7 +191,8 @@ class DriftMonitor:
     the statistics thread."""
 
     def __init__(self, model: str, version: str, batching: bool, inputs: list[InputMonitor],
-                 s, model_dir: Path, signature: tuple, interval: float):
+                 s, model_dir: Path, signature: tuple, interval: float,
+                 persisted: bool = True):
         self.model = model
         self.version = version
         self.batching = batching
@@ -181,6 +211,9 @@ class DriftMonitor:
         self._last_offered = 0
         self._last_time: float | None = None
         self.failed = 0  # updates that raised (logged once)
+        # False until the served baseline is in baseline.served.npz (ours or another
+        # process's), or cannot be: checked after every update while False.
+        self.persisted = persisted
 
     # ---- event loop ------------------------------------------------------------------------
 
@@ -220,7 +253,61 @@ class DriftMonitor:
             change = monitor.alert.update(monitor.score, now)
             if change:
                 events.append((monitor, change))
+        if not self.persisted:
+            self._persist()
         return events
+
+    @property
+    def served_path(self) -> Path:
+        return self.model_dir / self.version / SERVED_BASELINE_FILE
+
+    def _persist(self) -> None:
+        """Take another process's served baseline once it exists, else write ours once every
+        input that is learning has learned."""
+        path = self.served_path
+        label = f"model '{self.model}' version {self.version}"
+        if path.exists():
+            self.persisted = True
+            self._adopt(path, label)
+        elif not any(m.learning for m in self.inputs):
+            learned = {m.name: m.baseline for m in self.inputs if m.source == "served"}
+            if not learned:
+                return
+            self.persisted = True
+            try:
+                written = create_baseline_file(path, learned)
+            except OSError as exc:
+                log.warning("%s: the baseline learned from served samples cannot be written to "
+                            "%s (%s); it is kept in memory and learned again at restart", label,
+                            SERVED_BASELINE_FILE, exc.strerror or exc)
+                return
+            if not written:  # another process wrote it between our look and our write
+                self._adopt(path, label)
+            else:
+                log.info("%s: the baseline learned from served samples is in %s (%s)", label,
+                         SERVED_BASELINE_FILE, ", ".join(f"'{n}'" for n in learned))
+        else:
+            return
+        self.signature = files_signature(self.model_dir, self.version)
+
+    def _adopt(self, path: Path, label: str) -> None:
+        try:
+            baselines = read_baseline(path)
+        except ValueError as exc:
+            log.error("%s: %s is unusable (%s); this process keeps its own baseline", label,
+                      SERVED_BASELINE_FILE, exc)
+            return
+        taken = []
+        for m in self.inputs:
+            if m.source not in ("pending", "served") or m.name not in baselines:
+                continue
+            baseline = baselines[m.name].select(m.features)
+            if baseline is not None:
+                m.adopt(baseline)
+                taken.append(m.name)
+        if taken:
+            log.info("%s: baseline of %s from %s (learned from served samples by another "
+                     "process)", label, ", ".join(f"'{n}'" for n in taken), SERVED_BASELINE_FILE)
 
     def _adjust_sampling(self, now: float) -> None:
         offered = self.offered
@@ -250,6 +337,16 @@ def create_monitor(served, model_dir: Path, s, interval: float) -> DriftMonitor 
         except ValueError as exc:
             log.error("%s: %s is unusable (%s); the first %d served samples become the baseline",
                       label, BASELINE_FILE, exc, s.baseline_samples)
+    served_path = version_dir / SERVED_BASELINE_FILE
+    served_exists = served_path.exists()
+    served_baselines: dict[str, Baseline] = {}
+    if served_exists:
+        try:
+            served_baselines = read_baseline(served_path)
+        except ValueError as exc:
+            log.error("%s: %s is unusable (%s); the baseline is learned again, in memory only "
+                      "(delete the file to have it written again)", label, SERVED_BASELINE_FILE,
+                      exc)
     inputs = []
     for spec in config.inputs:
         own = s.for_input(spec.name)
@@ -283,29 +380,67 @@ def create_monitor(served, model_dir: Path, s, interval: float) -> DriftMonitor 
         elif file_baselines:
             log.warning("%s: %s has no input '%s'; the first %d served samples become its "
                         "baseline", label, BASELINE_FILE, spec.name, s.baseline_samples)
+        if baseline is None and spec.name in served_baselines:
+            baseline = served_baselines[spec.name].select(features)
+            if baseline is None:
+                log.warning("%s: %s has no rows for the monitored features of input '%s' (the "
+                            "settings changed since it was learned?); its baseline is learned "
+                            "again, in memory only", label, SERVED_BASELINE_FILE, spec.name)
+            else:
+                source = "served"
         threshold = own.threshold if own.threshold is not None else s.threshold
         inputs.append(InputMonitor(spec.name, features, width, baseline, source, threshold, s))
     if not inputs:
         return None
     log.info("%s: drift monitoring of %s", label, ", ".join(
         f"'{m.name}' ({'whole tensor' if m.pooled else f'{len(m.features)} features'}, "
-        f"baseline {'from ' + BASELINE_FILE if m.source == 'file' else 'from served samples'})"
-        for m in inputs))
+        f"baseline {_origin(m)})" for m in inputs))
+    persisted = served_exists or not any(m.source == "pending" for m in inputs)
     return DriftMonitor(served.model, served.version, batching, inputs, s, model_dir,
-                        files_signature(model_dir, served.version), interval)
+                        files_signature(model_dir, served.version), interval, persisted)
+
+
+def _origin(m: InputMonitor) -> str:
+    if m.source == "file":
+        return "from " + BASELINE_FILE
+    if m.source == "served":
+        return f"from {SERVED_BASELINE_FILE} (learned from served samples)"
+    return "from served samples"
 
 
 def files_signature(model_dir: Path, version: str) -> tuple:
     return (file_signature(model_dir / model_settings.FILENAME),
-            file_signature(model_dir / version / BASELINE_FILE))
+            file_signature(model_dir / version / BASELINE_FILE),
+            file_signature(model_dir / version / SERVED_BASELINE_FILE))
+
+
+def fleet_claim(store, holder: str, loop: asyncio.AbstractEventLoop,
+                timeout: float = CLAIM_TIMEOUT_S):
+    """``claim(key, ttl_s) -> bool`` for any thread: ``store.claim`` run on the server's event
+    loop (where the store's connections live). Raises if the store cannot answer in time."""
+    def claim(key: str, ttl_s: float) -> bool:
+        coroutine = store.claim(key, holder, ttl_s)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        except RuntimeError:  # the loop is closed: shutting down
+            coroutine.close()
+            raise
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+    return claim
 
 
 class DriftEngine:
     """The statistics thread: keeps one DriftMonitor per serving version and updates them."""
 
     def __init__(self, repository, interval: float = 1.0, clock=time.monotonic,
-                 hooks: HookRunner | None = None):
+                 hooks: HookRunner | None = None, claim=None):
         self.repository = repository
+        # claim(key, ttl_s) -> bool (see fleet_claim), or None: this process alone calls hooks
+        self.claim = claim
         self.interval = interval
         self.clock = clock
         self.hooks = hooks or HookRunner()
@@ -313,6 +448,8 @@ class DriftEngine:
         self.hook_suppressed: dict[str, int] = {}
         self.busy_seconds = 0.0
         self._last_hook: dict[str, float] = {}
+        self._hook_calls: dict[str, object] = {}  # model -> Future of its claimed call
+        self._hook_retry_at: dict[str, float] = {}  # model -> when to ask the store again
         self._sync_requests: deque = deque()
         self._seen: dict[tuple[str, str], tuple] = {}  # (model, version) -> files at last sync
         self._next_file_check = 0.0
@@ -357,6 +494,7 @@ class DriftEngine:
                        if signature != files_signature(root / model, version)}
         for model in sorted(models):
             self._sync(model)
+        self._collect_hook_calls(now)
         for monitor in list(self.monitors.values()):
             try:
                 events = monitor.update(now)
@@ -368,6 +506,9 @@ class DriftEngine:
                 continue
             for input_monitor, change in events:
                 self._log_alert(monitor, input_monitor, change)
+            if monitor.signature != self._seen.get((monitor.model, monitor.version),
+                                                   monitor.signature):
+                self._seen[(monitor.model, monitor.version)] = monitor.signature  # its own file
             self._maybe_call_hook(monitor, now, any(c == "fired" for _, c in events))
         self.busy_seconds += time.perf_counter() - started
 
@@ -419,5 +560,30 @@ class DriftEngine:
                 log.info("drift hook of model '%s' not called: cooldown, %.0fs left",
                          monitor.model, hook.cooldown - (now - last))
             return
+        if now < self._hook_retry_at.get(monitor.model, now) or monitor.model in self._hook_calls:
+            return  # the store could not answer lately, or a claim is still on its way
         self._last_hook[monitor.model] = now
-        self.hooks.submit(hook, monitor.model, monitor.model_dir, payload(monitor, alerting, now))
+        document = payload(monitor, alerting, now)
+        if self.claim is None:
+            self.hooks.submit(hook, monitor.model, monitor.model_dir, document)
+            return
+        # One call per fleet: whoever claims the model's hook for its cooldown calls it. On the
+        # hook thread: the store's answer must not hold up the statistics.
+        key = f"drift-hook/{monitor.model}"
+        ttl = max(hook.cooldown, 1.0)
+        self._hook_calls[monitor.model] = self.hooks.submit_claimed(
+            hook, monitor.model, monitor.model_dir, document, lambda: self.claim(key, ttl))
+
+    def _collect_hook_calls(self, now: float) -> None:
+        """Outcomes of claimed hook calls: suppressed (another process calls it) is counted;
+        no answer from the store: nobody may have called it, so ask again a little later."""
+        for model, future in list(self._hook_calls.items()):
+            if not future.done():
+                continue
+            del self._hook_calls[model]
+            outcome = future.result() if not future.cancelled() else "unclaimed"
+            if outcome == "suppressed":
+                self.hook_suppressed[model] = self.hook_suppressed.get(model, 0) + 1
+            elif outcome == "unclaimed":
+                self._last_hook.pop(model, None)
+                self._hook_retry_at[model] = now + CLAIM_RETRY_S

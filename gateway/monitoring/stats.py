@@ -12,7 +12,9 @@ with few distinct values) make empty bins that are empty in the baseline too, so
 to the PSI. NaN never lands in a bin and is counted apart; +/-inf land in the outer bins and are
 left out of mean, standard deviation, min and max, which cover finite values only.
 
-``baseline.npz`` (format 1), written by :func:`write_baseline` and read by :func:`read_baseline`:
+``baseline.npz`` (format 1), written by :func:`write_baseline` and read by :func:`read_baseline`
+(the gateway's ``baseline.served.npz``, learned from served samples, has the same format and is
+written by :func:`create_baseline_file`):
 
     format        int64 scalar, 1
     inputs        unicode array of the input names; entries below are numbered by position i
@@ -28,6 +30,9 @@ left out of mean, standard deviation, min and max, which cover finite values onl
 
 from __future__ import annotations
 
+import errno
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,33 +231,84 @@ def write_baseline(path, data: dict[str, np.ndarray], bins: int = DEFAULT_BINS,
     if not data:
         raise ValueError("no inputs given")
     rng = np.random.default_rng(seed)
-    arrays: dict[str, np.ndarray] = {"format": np.array(FORMAT, dtype=np.int64),
-                                     "inputs": np.array(list(data), dtype=np.str_)}
-    for i, (name, values) in enumerate(data.items()):
+    baselines = {}
+    for name, values in data.items():
         matrix = sample_matrix(values)
         if not matrix.shape[0]:
             raise ValueError(f"input {name!r}: no samples")
         if not np.isfinite(matrix).any():
             raise ValueError(f"input {name!r}: no finite values")
-        pooled = build_baseline(pooled_column(matrix, MAX_POOLED_VALUES, rng), [TENSOR],
-                                matrix.shape[0], bins)
-        parts = [pooled]
+        parts = [build_baseline(pooled_column(matrix, MAX_POOLED_VALUES, rng), [TENSOR],
+                                matrix.shape[0], bins)]
         if matrix.shape[1] <= max_features:
             parts.append(build_baseline(matrix, np.arange(matrix.shape[1]), matrix.shape[0], bins))
-        arrays[f"features_{i}"] = np.concatenate([p.features for p in parts])
-        arrays[f"edges_{i}"] = np.concatenate([p.edges for p in parts])
-        arrays[f"expected_{i}"] = np.concatenate([p.expected for p in parts])
-        for key, attr in (("count", "count"), ("mean", "mean"), ("std", "std"),
-                          ("min", "minimum"), ("max", "maximum")):
-            arrays[f"{key}_{i}"] = np.concatenate([getattr(p, attr) for p in parts])
-        arrays[f"samples_{i}"] = np.array(matrix.shape[0], dtype=np.int64)
+        baselines[name] = _concatenate(parts)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "wb") as handle:  # a file object: savez adds no second suffix
-        np.savez(handle, **arrays)
+        np.savez(handle, **_arrays(baselines))
     temporary.replace(path)  # readers (a polling gateway) never see half a file
     return path
+
+
+def create_baseline_file(path, baselines: dict[str, Baseline]) -> bool:
+    """Write ``baselines`` (input name -> Baseline, e.g. learned from served samples) to
+    ``path`` in the ``baseline.npz`` format if no file is there yet: True if this call wrote
+    it, False if one was already there (another process came first; read that one).
+
+    The file appears whole or not at all (a hard link of a finished temporary file, which
+    fails if the name exists), so concurrent writers agree on one winner and readers never see
+    half a file. Where the file system has no hard links, an exclusive create is used instead.
+    OSError for anything else (a read-only repository, a missing directory).
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **_arrays(baselines))
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
+                                 errno.EMLINK):
+                raise
+            try:  # no hard links here: an exclusive create (a reader may see it half-written)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as out:
+                out.write(temporary.read_bytes())
+        return True
+    finally:
+        try:
+            temporary.unlink()
+        except OSError:
+            pass
+
+
+def _concatenate(parts: list[Baseline]) -> Baseline:
+    """The rows of several baselines of one input as one."""
+    return Baseline(*(np.concatenate([getattr(p, a) for p in parts]) for a in (
+        "features", "edges", "expected", "count", "mean", "std", "minimum", "maximum")),
+        parts[0].samples)
+
+
+def _arrays(baselines: dict[str, Baseline]) -> dict[str, np.ndarray]:
+    """The npz arrays of the format (see the module doc) for these inputs' baselines."""
+    arrays: dict[str, np.ndarray] = {"format": np.array(FORMAT, dtype=np.int64),
+                                     "inputs": np.array(list(baselines), dtype=np.str_)}
+    for i, b in enumerate(baselines.values()):
+        arrays[f"features_{i}"] = np.asarray(b.features, dtype=np.int64)
+        arrays[f"edges_{i}"] = b.edges
+        arrays[f"expected_{i}"] = b.expected
+        for key, attr in (("count", "count"), ("mean", "mean"), ("std", "std"),
+                          ("min", "minimum"), ("max", "maximum")):
+            arrays[f"{key}_{i}"] = getattr(b, attr)
+        arrays[f"samples_{i}"] = np.array(b.samples, dtype=np.int64)
+    return arrays
 
 
 def read_baseline(path) -> dict[str, Baseline]:
