@@ -1,13 +1,21 @@
 """Dynamic batching for one model version: a queue, a pool of instances, pull-when-free.
 
-Each model instance runs a worker task. An idle worker takes whatever is queued at once, so at
-low load a request runs alone with no added wait; while every instance is busy the queue grows,
-and the next free instance takes it as one batch. ``max_queue_delay_microseconds`` adds waiting
-only while a batch is below its target (the largest preferred size, else ``max_batch_size``).
+Each model instance runs a worker task. Without ``max_queue_delay_microseconds`` an idle worker
+takes whatever is queued at once, so at low load a request runs alone with no added wait; while
+every instance is busy the queue grows, and the next free instance takes it as one batch.
+
+With a delay configured the batch is formed as Triton's dynamic batcher forms it (one free
+instance forms at a time, like Triton's single scheduler thread): it goes out as soon as it
+reaches *any* preferred batch size (the largest one the queue allows), when the next request
+would take it past the largest preferred size or ``max_batch_size`` or has another shape, or
+when its oldest request has waited the delay; below that it waits for more. Preferred sizes
+default to ``max_batch_size``. Without a delay a batch is trimmed to the largest preferred size
+it covers, the rest waiting for the next free instance.
 
 Requests are grouped by a shape key: requests whose non-batch dims differ never share a batch.
 Cancelled and expired requests are dropped before a batch runs. Model calls run on one thread
-per instance (ONNX Runtime releases the GIL), never on the event loop.
+per instance (ONNX Runtime releases the GIL), or on the event loop for models too small to be
+worth the hand-off (``inline``), but never so as to skip a configured queue delay.
 """
 
 from __future__ import annotations
@@ -111,9 +119,12 @@ class Batcher:
         cfg = batching or BatchingConfig()
         # Without dynamic_batching in the config, requests still run alone on a free instance.
         self.max_batch = self.max_batch_size if batching is not None else 1
-        self.target = max(cfg.preferred_batch_sizes, default=self.max_batch)
-        self.preferred = cfg.preferred_batch_sizes
+        # Triton's defaults: no preferred size configured means max_batch_size.
+        self.preferred = frozenset(cfg.preferred_batch_sizes or (self.max_batch,))
+        self.max_preferred = max(self.preferred)
+        self.trim = bool(cfg.preferred_batch_sizes)  # batches may be cut to a preferred size
         self.delay_ns = cfg.max_queue_delay_us * 1000
+        self._former = asyncio.Lock()  # with a delay, one free instance forms a batch at a time
         self.default_level = cfg.default_priority_level if cfg.priority_levels else 0
         levels = max(cfg.priority_levels, 1)
         # Strict priority never ages a request: below the first level, each holds at most its
@@ -127,7 +138,6 @@ class Batcher:
         self.output_names = output_names
         self.stats = stats
         self._pending = 0
-        self._forming = 0  # workers holding a batch while max_queue_delay lets it grow
         self._wakeup = asyncio.Event()
         self._closed = False
         self._workers: list[asyncio.Task] = []
@@ -188,10 +198,12 @@ class Batcher:
 
     async def run_now(self, inputs: list[np.ndarray], size: int) -> list[np.ndarray] | None:
         """Run a request at once, without the queue, when that is what the queue would do: a
-        model that runs on the event loop with nothing waiting. None: submit it instead.
+        model that runs on the event loop with nothing waiting and no queue delay configured
+        (a delay asks requests to wait for company). None: submit it instead.
 
         It saves the hand-over to the worker task and back (two task switches per request)."""
-        if not self.inline or self._pending or self._forming or self._closed or self._stuck:
+        if (not self.inline or self._pending or self.delay_ns or self._closed
+                or self._stuck):
             return None
         loop = asyncio.get_running_loop()
         item = QueuedRequest(inputs, size, (), loop.create_future(), now_ns(), 0, True, 0)
@@ -219,6 +231,30 @@ class Batcher:
                     f"{self._label}: internal error running the batch ({type(exc).__name__})"))
 
     async def _next_batch(self, instance: Instance) -> list[QueuedRequest] | None:
+        if self.delay_ns:
+            async with self._former:
+                return await self._form_batch(instance)
+        while True:  # pull-when-free: whatever is queued, now
+            if not self._pending:
+                if self._closed:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, size, _ = self._take(self.max_batch, None)
+            if not batch:
+                continue
+            if self.trim and size not in self.preferred:
+                cut = self._preferred_cut(batch)
+                if cut:
+                    self._cut(batch, cut)
+            instance.batch = batch
+            return batch
+
+    async def _form_batch(self, instance: Instance) -> list[QueuedRequest] | None:
+        """Triton's dynamic batch (its ``GetDynamicBatch``) for a model with a queue delay: the
+        batch grows until it reaches a preferred size, cannot grow, or its oldest request has
+        waited ``max_queue_delay``. Holds ``_former``: the other free instances wait their turn."""
         while True:
             if not self._pending:
                 if self._closed:
@@ -226,35 +262,49 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch, size = self._take(self.max_batch, None)
-            if not batch:
-                continue
-            instance.batch = batch
-            if self.delay_ns and size < self.target:
-                # While this batch waits for company, later requests must queue behind it
-                # (run_now sees _forming), never overtake it.
-                self._forming += 1
-                try:
-                    until = batch[0].enqueued_ns + self.delay_ns
-                    while size < self.target and (remaining := until - now_ns()) > 0:
-                        self._wakeup.clear()
-                        try:
-                            await asyncio.wait_for(self._wakeup.wait(), remaining / 1e9)
-                        except TimeoutError:
-                            pass
-                        if self._closed:  # unloading: run what is here, now
-                            break
-                        more, added = self._take(self.target - size, batch[0].key)
-                        batch += more
-                        size += added
-                finally:
-                    self._forming -= 1
-            if self.preferred and size not in self.preferred:
-                self._put_back(batch, size)
-            return batch
+            batch, size, blocked = self._take(self.max_batch, None)
+            if batch:
+                break
+        instance.batch = batch  # abandon() answers a forming batch too
+        key = batch[0].key
+        until = min(item.enqueued_ns for item in batch) + self.delay_ns  # the oldest's wait
+        while True:
+            exceeded = self._closed or now_ns() >= until  # unloading: run what is here, now
+            cut = self._preferred_cut(batch)
+            if cut and not exceeded:
+                self._cut(batch, cut)
+                return batch
+            if blocked or exceeded or size >= self.max_preferred:
+                return batch
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), (until - now_ns()) / 1e9)
+            except TimeoutError:
+                pass
+            more, added, blocked = self._take(self.max_batch - size, key)
+            if more:
+                batch += more
+                size += added
+                until = min(until, min(item.enqueued_ns for item in more) + self.delay_ns)
 
-    def _take(self, limit: int, key) -> tuple[list[QueuedRequest], int]:
-        """Pop up to ``limit`` samples of one shape key, highest priority first, FIFO within.
+    def _preferred_cut(self, batch: list[QueuedRequest]) -> int:
+        """How many requests of ``batch`` (in order) to run now for a preferred batch size, as
+        Triton decides: the largest prefix that sums to a preferred size or, once the next
+        request would take it past the largest preferred size, the prefix before it
+        (0: neither)."""
+        pending = best = 0
+        for index, item in enumerate(batch):
+            if pending and not best and pending + item.size > self.max_preferred:
+                return index
+            pending += item.size
+            if pending in self.preferred:
+                best = index + 1
+        return best
+
+    def _take(self, limit: int, key) -> tuple[list[QueuedRequest], int, bool]:
+        """Pop up to ``limit`` samples of one shape key, highest priority first, FIFO within;
+        also say whether a request is left at the head that could not join (another shape, or
+        too large): the batch cannot grow any more.
 
         A new batch (``key`` None) always takes its first request, even one larger than
         ``limit`` (a multi-row request to a model without dynamic batching runs alone).
@@ -285,24 +335,17 @@ class Batcher:
                         key = item.key
                     first = starting and not batch  # a new batch always takes its first
                     if item.key != key or (size + item.size > limit and not first):
-                        return batch, size
+                        return batch, size, True
                     queue.popleft()
                     self._pending -= 1
                     batch.append(item)
                     size += item.size
-        return batch, size
+        return batch, size, False
 
-    def _put_back(self, batch: list[QueuedRequest], size: int) -> None:
-        """Trim a batch to the largest preferred size it covers; the rest goes back in front."""
-        fitting = [p for p in self.preferred if p <= size]
-        if not fitting:
-            return
-        keep, total = 0, 0
-        for item in batch:
-            if keep and total + item.size > fitting[-1]:  # the first request always runs
-                break
-            total += item.size
-            keep += 1
+    def _cut(self, batch: list[QueuedRequest], keep: int) -> None:
+        """Run the first ``keep`` requests of a batch (at least one); the rest go back to the
+        front of their queues, in order."""
+        keep = max(keep, 1)
         for item in reversed(batch[keep:]):
             self._levels[item.level].ready.appendleft(item)
             self._pending += 1

@@ -336,6 +336,104 @@ async def test_max_queue_delay_runs_what_it_has_when_the_delay_ends(make):
     np.testing.assert_array_equal(y, x_of(2.0))
 
 
+# Triton's dynamic batcher, as L0_batcher checks it: preferred sizes [2, 6], max_batch_size 8,
+# a delay far longer than the test, so only the arrival of requests can end a wait.
+TRITON = BatchingConfig(preferred_batch_sizes=(2, 6), max_queue_delay_us=600_000_000)
+
+
+async def test_with_a_delay_a_batch_goes_out_at_any_preferred_size(make):
+    """Not the largest preferred size (6): the first one reached (2) sends the batch."""
+    h = make(batching_cfg=TRITON)
+    futures = [h.submit(1.0)]
+    await h.settle()
+    assert h.runtime.calls == []  # 1 is below every preferred size: wait for company
+    futures.append(h.submit(2.0))
+    await h.calls(1)
+    h.runtime.open()
+    await asyncio.gather(*map(result, futures))
+    assert h.runtime.batch_rows == [[1.0, 2.0]]
+
+
+async def test_with_a_delay_a_batch_that_cannot_reach_a_preferred_size_goes_now(make):
+    """3 waits; 4 more would pass the largest preferred size (6): the 3 goes at once and the 4
+    waits in turn, until 1 + 1 more make 6 (test_multi_batch_sum_gt_max_preferred)."""
+    h = make(batching_cfg=TRITON, blocked=False)
+    three = h.submit(1.0, rows=3)
+    await h.settle()
+    assert h.runtime.calls == []
+    four = h.submit(2.0, rows=4)
+    await result(three)
+    await h.settle()
+    assert h.runtime.batch_rows == [[1.0] * 3]  # the 4 waits below any preferred size
+    assert not four.done()
+    rest = [h.submit(3.0), h.submit(4.0)]
+    await asyncio.gather(*map(result, [four, *rest]))
+    assert h.runtime.batch_rows == [[1.0] * 3, [2.0] * 4 + [3.0, 4.0]]
+
+
+async def test_with_a_delay_a_request_above_the_largest_preferred_size_runs_at_once(make):
+    h = make(batching_cfg=TRITON, blocked=False)
+    y, _ = await result(h.submit(1.0, rows=7))
+    assert y.shape == (7, 3) and h.runtime.batch_rows == [[1.0] * 7]
+
+
+async def test_with_a_delay_another_shape_sends_the_forming_batch(make):
+    """The batch cannot grow past a request of another shape (FIFO): it goes now."""
+    h = make(batching_cfg=TRITON, blocked=False)
+    first = h.submit(1.0)
+    await h.settle()
+    assert h.runtime.calls == []
+    other = h.submit(2.0, width=5)
+    await result(first)
+    await h.settle()
+    assert h.runtime.batch_rows == [[1.0]] and not other.done()  # it waits in its turn
+    late = h.submit(3.0, width=5)
+    await asyncio.gather(result(other), result(late))
+    assert h.runtime.batch_rows == [[1.0], [2.0, 3.0]]
+
+
+async def test_with_a_delay_a_free_instance_takes_the_largest_preferred_size_queued(make):
+    """Requests queued while the instance was busy: 7 waiting give a batch of 6 at once (the
+    largest preferred size they reach), and the 7th waits for company."""
+    h = make(batching_cfg=TRITON)
+    first = [h.submit(0.0), h.submit(0.5)]  # 2: preferred, runs and blocks the instance
+    await h.calls(1)
+    queued = [h.submit(float(i)) for i in range(1, 8)]
+    h.runtime.allow(2)
+    await asyncio.gather(*map(result, [*first, *queued[:6]]))
+    await h.settle()
+    assert h.runtime.batch_rows == [[0.0, 0.5], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]
+    assert not queued[6].done()
+    h.runtime.open()
+    last = h.submit(8.0)
+    await asyncio.gather(result(queued[6]), result(last))
+    assert h.runtime.batch_rows[-1] == [7.0, 8.0]
+
+
+async def test_with_a_delay_one_instance_forms_a_batch_at_a_time(make):
+    """Two idle instances: the second request joins the first one's batch, it does not start a
+    batch of its own on the other instance."""
+    h = make(batching_cfg=TRITON, instances=2, blocked=False)
+    futures = [h.submit(1.0)]
+    await h.settle()
+    futures.append(h.submit(2.0))
+    await asyncio.gather(*map(result, futures))
+    rows = [r for rt in h.runtimes for r in rt.batch_rows]
+    assert rows == [[1.0, 2.0]]
+
+
+async def test_without_a_delay_a_batch_between_preferred_sizes_runs_whole(make):
+    """Triton without a delay: 1 + 3 = 4 reaches no preferred size (2, 6) and is not past the
+    largest, so the 4 run together rather than being cut to 2."""
+    h = make(batching_cfg=BatchingConfig(preferred_batch_sizes=(2, 6)))
+    first = h.submit(0.0)
+    await h.calls(1)
+    queued = [h.submit(1.0), h.submit(2.0, rows=3)]
+    h.runtime.open()
+    await asyncio.gather(*map(result, [first, *queued]))
+    assert h.runtime.batch_rows == [[0.0], [1.0, 2.0, 2.0, 2.0]]
+
+
 async def test_different_shapes_never_share_a_batch(make):
     h = make(max_batch_size=8)
     first = h.submit(0.0)
@@ -821,9 +919,23 @@ async def test_run_now_never_overtakes_a_batch_being_formed(make):
     later = [h.submit(float(v)) for v in (2, 3, 4)]
     await asyncio.gather(*map(result, [first, *later]))
     assert h.runtime.batch_rows == [[1.0, 2.0, 3.0, 4.0]]
-    (y, _) = await h.batcher.run_now([x_of(5.0)], 1)  # nothing queued or forming: at once
-    np.testing.assert_array_equal(y, x_of(6.0))
-    assert h.runtime.batch_rows[-1] == [5.0]
+    # Nothing queued or forming, but the delay asks requests to wait for company: never at once.
+    assert await h.batcher.run_now([x_of(5.0)], 1) is None
+
+
+async def test_an_inline_model_with_a_queue_delay_still_batches(make):
+    """The inline fast path must not defeat the batching the config asks for: a small
+    fixed-shape model with max_queue_delay batches concurrent requests (Triton shows {2: 1})."""
+    cfg = BatchingConfig(preferred_batch_sizes=(2,), max_queue_delay_us=600_000_000)
+    h = make(max_batch_size=8, batching_cfg=cfg, blocked=False, inline=True)
+    assert await h.batcher.run_now([x_of(1.0)], 1) is None
+    futures = [h.submit(1.0)]
+    await h.settle()
+    assert h.runtime.calls == []
+    futures.append(h.submit(2.0))
+    await asyncio.gather(*map(result, futures))
+    assert h.runtime.batch_rows == [[1.0, 2.0]]
+    assert sorted(h.stats.batches) == [2]
 
 
 
