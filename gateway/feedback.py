@@ -49,6 +49,7 @@ INTEGERS = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UIN
 FLOATS = {"FP16", "FP32", "FP64"}
 FLUSH_S = 0.1  # predictions reach the shared table within this
 TOTALS_S = 1.0  # the fleet's totals are read back this often
+COUNT_S = 30.0  # the shared table's kept predictions are counted this often (for the metric)
 OUTBOX_MAX = 200_000  # predictions waiting for the next flush; beyond, the oldest are dropped
 
 
@@ -173,6 +174,7 @@ class ModelFeedback:
         self.long_ids = 0  # requests whose id was too long to keep
         self.lock = threading.Lock()  # totals are read by the metrics thread
         self.outbox: deque | None = None  # set when predictions go to the shared table
+        self.shared_kept = 0  # predictions in the shared table, as last counted
 
     def record(self, request_id: str, served, outputs: list, rows: int) -> None:
         """Request path: keep this request's prediction (never raises, never logs per call)."""
@@ -276,6 +278,11 @@ class ModelFeedback:
         with self.lock:
             rows = [(v, t.labelled, t.correct, t.abs_error) for v, t in self.totals.items()]
         return sorted(rows, key=lambda r: int(r[0]) if r[0].isdigit() else 0)
+
+    @property
+    def waiting(self) -> int:
+        """Predictions waiting for a label: here, or in the shared table as last counted."""
+        return self.shared_kept if self.outbox is not None else len(self.kept)
 
     def scores(self) -> list[tuple[str, int, int, float | None]]:
         """(version, labelled, correct, score) by version: the score is the accuracy, or the
@@ -417,7 +424,7 @@ class FeedbackStore:
     async def run(self) -> None:
         """Flush predictions every FLUSH_S and read the fleet's totals every TOTALS_S."""
         loop = asyncio.get_running_loop()
-        next_totals = 0.0
+        next_totals = next_count = 0.0
         while True:
             await asyncio.sleep(FLUSH_S)
             try:
@@ -426,6 +433,10 @@ class FeedbackStore:
                     next_totals = loop.time() + TOTALS_S
                     for model, feedback in list(self.models.items()):
                         feedback.set_totals(await self.shared.totals(model))
+                if loop.time() >= next_count:  # for the metric; counting may scan Redis
+                    next_count = loop.time() + COUNT_S
+                    for model, feedback in list(self.models.items()):
+                        feedback.shared_kept = await self.shared.count(model)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the store is down: predictions wait (bounded) and retry
@@ -442,7 +453,9 @@ class FeedbackStore:
         every process)."""
         feedback = self._get(model)
         if self.shared is not None:
+            await self.flush()
             feedback.set_totals(await self.shared.totals(model))
+            feedback.shared_kept = await self.shared.count(model)
         return feedback
 
     def quality(self, model: str, version: str) -> tuple[str, int, float] | None:
@@ -491,7 +504,7 @@ class FeedbackCollector:
             "gateway_feedback_unmatched_labels", "Labels whose request id had no kept "
             "prediction", labels=["model"])
         for model, feedback in sorted(self.store.models.copy().items()):
-            kept.add_metric([model], len(feedback.kept))
+            kept.add_metric([model], feedback.waiting)
             unmatched.add_metric([model], feedback.unmatched)
             for version, n, correct, abs_error in feedback.snapshot():
                 labelled.add_metric([model, version], n)

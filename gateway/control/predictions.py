@@ -24,6 +24,7 @@ from gateway.control.store import StoreUnavailable
 
 DEFAULT_TTL_S = 7 * 24 * 3600.0  # a label later than this finds nothing
 MAX_ROWS = 10_000_000  # the SQLite table's cap (oldest dropped first)
+COUNT_LIMIT = 1_000_000  # counting kept predictions stops here (Redis counts by scanning)
 
 Prediction = tuple[str, list]  # (version, values per row)
 Totals = dict[str, tuple[int, int, float]]  # version -> (labelled, correct, abs error sum)
@@ -44,6 +45,10 @@ class SharedPredictions(ABC):
 
     @abstractmethod
     async def totals(self, model: str) -> Totals: ...
+
+    @abstractmethod
+    async def count(self, model: str, limit: int = COUNT_LIMIT) -> int:
+        """Predictions of ``model`` waiting for a label (counting stops at ``limit``)."""
 
     async def close(self) -> None:
         return None
@@ -115,6 +120,20 @@ class RedisPredictions(SharedPredictions):
             parts.setdefault(version, {})[part] = float(value)
         return {v: (int(p.get("n", 0)), int(p.get("c", 0)), p.get("e", 0.0))
                 for v, p in parts.items()}
+
+
+    async def count(self, model, limit=COUNT_LIMIT):
+        from redis.exceptions import RedisError
+
+        found = 0
+        try:
+            async for _ in self.client.scan_iter(match=self._key(model, "*"), count=1000):
+                found += 1
+                if found >= limit:
+                    break
+        except (RedisError, OSError) as exc:
+            raise self._down(exc) from None
+        return found
 
 
 class SqlitePredictions(SharedPredictions):
@@ -198,6 +217,16 @@ class SqlitePredictions(SharedPredictions):
                                       "totals WHERE model = ?", (model,)).fetchall()
             return {v: (n, c, e) for v, n, c, e in rows}
         return await self._run(totals)
+
+
+    async def count(self, model, limit=COUNT_LIMIT):
+        now = time.time()
+
+        def count():
+            return self._db().execute("SELECT count(*) FROM (SELECT 1 FROM predictions WHERE "
+                                      "model = ? AND expires >= ? LIMIT ?)",
+                                      (model, now, limit)).fetchone()[0]
+        return await self._run(count)
 
 
 def shared_predictions(store) -> SharedPredictions:

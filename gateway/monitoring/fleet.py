@@ -31,7 +31,6 @@ SUM, MAX, MIN = "sum", "max", "min"
 GAUGE_MODES = {
     "gateway_inflight_requests": SUM,
     "gateway_queue_depth": SUM,
-    "gateway_feedback_predictions_kept": SUM,
     "gateway_model_ready": MIN,
     "gateway_state_store_up": MIN,
     "gateway_state_revision": MIN,
@@ -44,7 +43,7 @@ GAUGE_MODES = {
 # Families every worker reports for the whole fleet (read from the shared store): any one of
 # them is the figure, adding them up would count it once per worker.
 FLEET_WIDE = {"gateway_feedback_labelled", "gateway_feedback_accuracy_ratio",
-              "gateway_feedback_mean_absolute_error"}
+              "gateway_feedback_mean_absolute_error", "gateway_feedback_predictions_kept"}
 _COMBINE = {SUM: sum, MAX: max, MIN: min}
 
 

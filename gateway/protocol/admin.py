@@ -279,12 +279,25 @@ class AdminServicer(apb_grpc.GatewayAdminServicer):
             traffic_percent=r["traffic_percent"], has_baseline=r["has_baseline"])
             for r in rows])
 
+    # ---- governance -----------------------------------------------------------------------
+
+    @handles_errors
+    async def ApproveVersion(self, request, context):
+        from gateway.control.approvals import approve
+
+        model = check_model_name(request.model)
+        approval = await approve(self.control, model, request.version, caller(context))
+        return apb.ApprovalStatus(
+            model=model, version=approval["version"], approved_by=str(approval.get("by", "")),
+            time=float(approval.get("time", 0.0)), publisher=str(approval.get("publisher", "")),
+            gated=approval["gated"], already_approved=approval["already"])
+
     # ---- feedback -------------------------------------------------------------------------
 
     async def _feedback_status(self, model: str) -> apb.FeedbackStatus:
         feedback = await self.feedback.current(model)
         status = apb.FeedbackStatus(model=model, kind=feedback.kind, output=feedback.output,
-                                    kept=len(feedback.kept),
+                                    kept=feedback.waiting,
                                     capacity=feedback.settings.capacity,
                                     unmatched=feedback.unmatched)
         for version, n, correct, score in feedback.scores():

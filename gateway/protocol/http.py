@@ -76,6 +76,7 @@ class HttpFrontend:
         self.ready = ready  # () -> bool: started and not draining
         self.authenticator = authenticator
         self.max_message_bytes = max_message_bytes
+        self.console = None  # gateway.protocol.console.Console: the operator console, /ui/
         self._runner: web.AppRunner | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -88,6 +89,8 @@ class HttpFrontend:
             handler = self._endpoint(("GET", "POST"), _unsupported(what), INFERENCE + rpc)
             app.router.add_route("*", prefix + "{tail:(/.*)?}", handler)
             app.router.add_route("*", MODEL + prefix[3:] + "{tail:(/.*)?}", handler)
+        if self.console is not None:
+            self.console.register(app)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
 
@@ -189,8 +192,9 @@ class HttpFrontend:
         key = request.headers.get("x-routing-key") if model in self.policies else None
         core, plan = decode_infer(body, request.headers.get(HEADER_LENGTH), model,
                                   request.match_info.get("version", ""), key)
-        response = await self.dataplane.infer(core)
-        payload, header_length = encode_infer(response, plan)
+        # Encoded inside the data plane's accounting, as over gRPC.
+        payload, header_length = await self.dataplane.infer(
+            core, lambda response: encode_infer(response, plan))
         headers = {}
         if header_length is not None:
             headers[HEADER_LENGTH] = str(header_length)

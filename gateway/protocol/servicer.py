@@ -121,8 +121,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return
             try:
                 core = codec.decode_request(msg, routing_key, 0)
-                answer = pb.ModelStreamInferResponse(infer_response=codec.encode_response(
-                    await self.dataplane.infer(core), limit))
+                # Encoded inside the data plane's accounting: an answer refused as too large
+                # counts as the error the caller gets.
+                answer = pb.ModelStreamInferResponse(infer_response=await self.dataplane.infer(
+                    core, lambda response: codec.encode_response(response, limit)))
             except GatewayError as exc:
                 answer = _stream_error(msg, exc.message, limit)
             except Exception:

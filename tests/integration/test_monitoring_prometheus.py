@@ -59,6 +59,7 @@ drift:
   for: 1s
   baseline_samples: 1500
   max_rows_per_second: 1000000
+  export_bins: true        # the dashboard's bins panel needs them (off by default)
   hook:
     command: [{json.dumps(sys.executable)}, hook.py]
     cooldown: 1h
