@@ -129,7 +129,9 @@ class ParquetSource(Source):
     def __init__(self, path: Path):
         super().__init__(path)
         try:
-            self._file = pq.ParquetFile(path)
+            # A buffered stream: pages are read as they are decoded. Without it the reader keeps
+            # every row group's column chunks it has read (memory grows with the file).
+            self._file = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
         except (pa.ArrowException, OSError) as exc:
             raise UsageError(f"input {path} is not a readable Parquet file: {exc}") from None
         self.schema = self._file.schema_arrow
