@@ -197,7 +197,8 @@ def test_ports_match_the_server_defaults_and_the_environment(final):
     exposed = {int(p.split("/")[0]) for i in final if i.keyword == "EXPOSE"
                for p in i.args.split()}
     defaults = Settings()
-    assert exposed == {8001, 8002} == {defaults.grpc_port, defaults.metrics_port}
+    assert exposed == {8000, 8001, 8002} == {defaults.http_port, defaults.grpc_port,
+                                             defaults.metrics_port}
     env = final_env(final)
     assert int(env.get("GATEWAY_GRPC_PORT", 8001)) == 8001
     assert int(env.get("GATEWAY_METRICS_PORT", 8002)) == 8002
