@@ -1,9 +1,9 @@
 """A bounded soak test: minutes of mixed load while the gateway is reconfigured under it.
 
 One gateway (poll mode) serves model ``soak``. Client threads send good requests (which must all
-succeed: an accepted request is never lost) and bad ones (which must all get INVALID_ARGUMENT);
-meanwhile new versions are published into the repository (picked up by polling, old ones
-retired by the version policy) and the traffic split is changed through the admin API. Every
+succeed: an accepted request is never lost) and bad ones (which must all get their status: see
+``bad_requests``); meanwhile new versions are published into the repository (picked up by
+polling, old ones retired by the version policy) and the traffic split is changed through the admin API. Every
 interval it records requests, errors by status, p99 latency and the gateway's resident memory,
 so a leak or a lost request shows as a trend.
 
@@ -48,6 +48,33 @@ def request(rows: int, good: bool) -> bytes:
         raw_input_contents=[x.tobytes()]).SerializeToString()
 
 
+def bad_requests() -> list[tuple[bytes, str]]:
+    """The bad mix, each with the status it must get: a wrong shape; sizes declared far beyond
+    the bytes sent (a 2**27-element BYTES tensor, a 2**31-element FP32 one), which must be
+    refused before anything is allocated; the same output asked for 1000 times; a 20 KB model
+    name (echoed truncated, so the answer is NOT_FOUND, not "metadata too large"); bytes that
+    do not parse as a request."""
+    tensor = pb.ModelInferRequest.InferInputTensor
+    wanted = pb.ModelInferRequest.InferRequestedOutputTensor
+    x = np.zeros((1, TINY_MLP[0]), np.float32).tobytes()
+    return [
+        (request(1, False), "INVALID_ARGUMENT"),
+        (pb.ModelInferRequest(model_name="soak", inputs=[tensor(
+            name="input", datatype="BYTES", shape=[2**27])],
+            raw_input_contents=[b""]).SerializeToString(), "INVALID_ARGUMENT"),
+        (pb.ModelInferRequest(model_name="soak", inputs=[tensor(
+            name="input", datatype="FP32", shape=[2**31, TINY_MLP[0]])],
+            raw_input_contents=[x]).SerializeToString(), "INVALID_ARGUMENT"),
+        (pb.ModelInferRequest(model_name="soak", inputs=[tensor(
+            name="input", datatype="FP32", shape=[1, TINY_MLP[0]])], raw_input_contents=[x],
+            outputs=[wanted(name="output")] * 1000).SerializeToString(), "INVALID_ARGUMENT"),
+        (pb.ModelInferRequest(model_name="m" * 20_000, inputs=[tensor(
+            name="input", datatype="FP32", shape=[1, TINY_MLP[0]])],
+            raw_input_contents=[x]).SerializeToString(), "NOT_FOUND"),
+        (b"\xff\x00not a protobuf message\xff", "INVALID_ARGUMENT"),
+    ]
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -66,7 +93,7 @@ class Tally:
         self.codes: Counter = Counter()
         self.latencies: list[float] = []
         self.lost = 0  # good requests that failed
-        self.misjudged = 0  # bad requests not refused with INVALID_ARGUMENT
+        self.misjudged = 0  # bad requests not refused with their status
 
     def take(self):
         with self.lock:
@@ -77,16 +104,18 @@ class Tally:
 
 def client(url: str, tally: Tally, stop_at: float, bad_every: int) -> None:
     good = [request(r, True) for r in (1, 2, 4)]
-    bad = request(1, False)
-    with grpc.insecure_channel(url) as channel:
+    bad = bad_requests()
+    with grpc.insecure_channel(url, options=[("grpc.max_send_message_length", -1)]) as channel:
         call = channel.unary_unary(INFER)
         n = 0
         while time.monotonic() < stop_at:
             n += 1
             is_bad = n % bad_every == 0
+            message, expected = bad[(n // bad_every) % len(bad)] if is_bad else (good[n % 3],
+                                                                                 "OK")
             start_t = time.perf_counter()
             try:
-                call(bad if is_bad else good[n % 3], timeout=30)
+                call(message, timeout=30)
                 code = "OK"
             except grpc.RpcError as exc:
                 code = exc.code().name
@@ -97,7 +126,7 @@ def client(url: str, tally: Tally, stop_at: float, bad_every: int) -> None:
                     tally.latencies.append(elapsed)
                     if code != "OK":
                         tally.lost += 1
-                elif code != "INVALID_ARGUMENT":
+                elif code != expected:
                     tally.misjudged += 1
 
 
