@@ -1,9 +1,18 @@
-"""Bearer-token authentication and roles for every RPC on the gRPC port.
+"""Bearer-token authentication and roles for every RPC on the gRPC port (and every HTTP endpoint,
+which stands for the gRPC method it mirrors).
 
-The token file holds one ``ROLE TOKEN [NAME]`` per line (``#`` comments allowed); roles are
-``infer`` (inference and metadata) and ``admin`` (everything, including repository control,
-traffic, rollouts and publishing). Health checks stay open so orchestrators can probe. Every
-other method, including ones added later, needs a role: a method missing from the table needs
+The token file holds one ``ROLE TOKEN [NAME]`` per line (``#`` comments allowed). Roles:
+
+- ``infer``: inference and metadata;
+- ``viewer``: read-only operator views (splits, rollouts, versions, feedback, the audit trail,
+  the console);
+- ``operator``: also changes splits and shadows and runs rollouts, and may infer;
+- ``admin``: everything: also publishing, approving versions, feedback labels and repository
+  control.
+
+Each method needs one permission (``infer``, ``view``, ``operate`` or ``admin``), which a role
+grants or not (``GRANTS``). Health checks stay open so orchestrators can probe. Every other
+method, including ones added later, needs a permission: a method missing from the tables needs
 ``admin`` (deny by default). Tokens are compared in constant time, each against all known ones.
 The file is re-read on SIGHUP; a file that fails to parse keeps the previous tokens.
 """
@@ -22,11 +31,24 @@ from gateway.errors import PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 
-ROLES = ("infer", "admin")
+ROLES = ("infer", "viewer", "operator", "admin")
+GRANTS = {  # role -> the permissions it holds
+    "infer": frozenset({"infer"}),
+    "viewer": frozenset({"view"}),
+    "operator": frozenset({"infer", "view", "operate"}),
+    "admin": frozenset({"infer", "view", "operate", "admin"}),
+}
+ROLE_OF = {"infer": "infer", "view": "viewer", "operate": "operator", "admin": "admin"}
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 INFERENCE_SERVICE = "/inference.GRPCInferenceService/"
 ADMIN_METHODS = {"RepositoryModelLoad", "RepositoryModelUnload", "RepositoryIndex"}
 INFER_PREFIXES = ("/grpc.reflection.",)
+ADMIN_SERVICE = "/gateway.admin.v1.GatewayAdmin/"
+VIEW_METHODS = {"GetTraffic", "ListTraffic", "TrafficHistory", "GetRollout", "ListVersions",
+                "GetFeedback"}
+OPERATE_METHODS = {"SetTraffic", "ClearTraffic", "SetShadow", "ClearShadow", "StartRollout",
+                   "PauseRollout", "ResumeRollout", "AbortRollout"}
+# Everything else of the admin service (PublishVersion, ApproveVersion, SendFeedback) is admin.
 
 # The caller's name for audit records, set for the duration of an authenticated call.
 IDENTITY: contextvars.ContextVar[str | None] = contextvars.ContextVar("identity", default=None)
@@ -58,15 +80,31 @@ def parse_tokens(text: str) -> list[Credential]:
     return creds
 
 
-def required_role(method: str) -> str | None:
-    """The role a full method name needs (None: open to everyone)."""
+def required_permission(method: str) -> str | None:
+    """The permission a full method name needs (None: open to everyone)."""
     if method.startswith(OPEN_SERVICES):
         return None
     if method.startswith(INFERENCE_SERVICE):
         return "admin" if method[len(INFERENCE_SERVICE):] in ADMIN_METHODS else "infer"
     if method.startswith(INFER_PREFIXES):
         return "infer"
+    if method.startswith(ADMIN_SERVICE):
+        name = method[len(ADMIN_SERVICE):]
+        if name in VIEW_METHODS:
+            return "view"
+        if name in OPERATE_METHODS:
+            return "operate"
     return "admin"
+
+
+def required_role(method: str) -> str | None:
+    """The least role that may call a full method name (None: open to everyone)."""
+    need = required_permission(method)
+    return None if need is None else ROLE_OF[need]
+
+
+def allows(role: str, permission: str) -> bool:
+    return permission in GRANTS.get(role, ())
 
 
 class TokenAuthenticator:
@@ -84,7 +122,7 @@ class TokenAuthenticator:
 
     def check(self, method: str, metadata) -> Credential | None:
         """The caller's credential if allowed; raises Unauthenticated / PermissionDenied."""
-        need = required_role(method)
+        need = required_permission(method)
         if need is None:
             return None
         header = None
@@ -104,8 +142,9 @@ class TokenAuthenticator:
                 match = cred
         if match is None:
             raise Unauthenticated("invalid token")
-        if need == "admin" and match.role != "admin":
-            raise PermissionDenied(f"this call needs the admin role; the token has '{match.role}'")
+        if not allows(match.role, need):
+            raise PermissionDenied(f"this call needs the {ROLE_OF[need]} role; the token has "
+                                   f"'{match.role}'")
         return match
 
 

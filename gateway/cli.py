@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gateway.batch.cli import add_score_parser
 from gateway.commands import (
+    approve_command,
     feedback_command,
     list_models,
     parse_duration,
@@ -278,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="read this repository instead of asking a gateway (--url)")
     versions.add_argument("--json", action="store_true", help="print JSON")
     versions.set_defaults(func=versions_command)
+
+    approve = sub.add_parser(
+        "approve", parents=[common],
+        help="approve a version for live traffic (models with require_approval in gateway.yaml)",
+        description="Governance: record your approval of MODEL VERSION, so that splits, rollouts "
+                    "and promotions may give it traffic. The version's publisher cannot approve "
+                    "it; needs the admin role when auth is on.")
+    approve.add_argument("model")
+    approve.add_argument("version")
+    approve.set_defaults(func=approve_command)
 
     feedback = sub.add_parser(
         "feedback", parents=[common],

@@ -1,5 +1,5 @@
 """The operator commands: clients of a running gateway (models, traffic, rollout, publish,
-versions, feedback). Each prints what the server answered, or the gRPC status and message and
+versions, approve, feedback). Each prints what the server answered, or the gRPC status and message and
 exit 1 when it refused."""
 
 from __future__ import annotations
@@ -350,6 +350,24 @@ def versions_command(args) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[6])
     if len(table) == 1:
         print(f"model {args.model} has no versions")
+    return 0
+
+
+def approve_command(args) -> int:
+    import datetime
+
+    from gateway.protocol.pb import gateway_admin_pb2 as apb
+
+    status = _admin_call(args, "ApproveVersion", apb.ApproveVersionRequest(
+        model=args.model, version=args.version))
+    when = datetime.datetime.fromtimestamp(status.time, datetime.UTC)
+    verb = "was already approved" if status.already_approved else "approved"
+    print(f"model {status.model} version {status.version} {verb} by {status.approved_by} "
+          f"at {when:%Y-%m-%d %H:%M:%S}Z"
+          + (f" (published by {status.publisher})" if status.publisher else ""))
+    if not status.gated:
+        print(f"  note: model {status.model} does not require approval (gateway.yaml "
+              "require_approval is off): the approval is recorded for when it does")
     return 0
 
 

@@ -375,7 +375,7 @@ def _remove_stale_staging(directory: Path) -> None:
 def publish_version(root: Path, model: str, source: Path, *, metadata: dict | None = None,
                     baseline=None, baseline_npz: bytes | None = None,
                     allow_signature_change: bool = False, source_name: str | None = None,
-                    expected_sha256: str | None = None) -> Published:
+                    expected_sha256: str | None = None, published_by: str = "") -> Published:
     """Check ``source`` and write it as the next version of ``model`` under ``root``.
 
     ``baseline``: a .npy/.npz path or {input: array} (turned into baseline.npz);
@@ -427,6 +427,8 @@ def publish_version(root: Path, model: str, source: Path, *, metadata: dict | No
             "publisher": _publisher(), "signature": signature(io), "baseline": summary,
             "metadata": metadata or {},
         }
+        if published_by:  # who asked a gateway to publish it (the approval gate reads it)
+            record["published_by"] = published_by
         return _commit(root, model_dir, staging, vdir, new_model, record)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -538,7 +540,7 @@ class RegistryService:
             published = await loop.run_in_executor(None, lambda: publish_version(
                 self.repository.root, model, upload, metadata=metadata,
                 baseline_npz=baseline_npz or None, allow_signature_change=allow_signature_change,
-                source_name=source, expected_sha256=sha256))
+                source_name=source, expected_sha256=sha256, published_by=who))
         except BaseException:
             await self._release(model, held, who)
             raise

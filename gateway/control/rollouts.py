@@ -24,6 +24,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+from gateway.control import approvals
 from gateway.control.analysis import RolloutSpec, Window, decide, merge
 from gateway.control.store import Change, Snapshot, StoreUnavailable
 from gateway.control.traffic import SECTION as TRAFFIC
@@ -168,6 +169,7 @@ class RolloutController:
                 raise FailedPrecondition(f"model '{spec.model}' already has a {current.state} "
                                          f"rollout to version {current.spec.to_version}; abort "
                                          "it first")
+            approvals.check_canary(snapshot, self.plane.router, spec.model, spec.to_version)
             rollout = Rollout(spec, "running", 0, now, now, owner=self.identity,
                               epoch=(current.epoch + 1) if current else 1,
                               lease_until=now + self.lease_s)
@@ -176,7 +178,7 @@ class RolloutController:
                           who)
             return self._commit_plan(snapshot, rollout, who, "rollout-start")
 
-        return await self.plane.commit(build)
+        return await approvals.commit_gated(self.plane, build, who)
 
     def _baseline_of(self, model: str, canary: str) -> str:
         """The version a canary is compared with: the one with most traffic now, else the
@@ -338,6 +340,14 @@ class RolloutController:
                    f"replica(s), baseline {baseline.requests}]")
 
         def apply(rollout: Rollout, snapshot: Snapshot):
+            if verdict != "rollback":  # the approval gate: no more traffic to an unapproved
+                try:                   # canary (gateway.yaml changed mid-rollout): pause
+                    approvals.check_canary(snapshot, self.plane.router, spec.model,
+                                           spec.to_version, "the next step")
+                except approvals.ApprovalRequired as exc:
+                    rollout.state, rollout.reason = "paused", exc.message
+                    rollout.event(now, "gate", exc.message, "controller")
+                    return self._commit_plan(snapshot, rollout, "controller", "rollout-gate")
             if verdict == "rollback" or rollout.step + 2 >= len(spec.steps):
                 state = "rolled_back" if verdict == "rollback" else "promoted"
                 if state == "promoted":  # the next step is 100%: promotion

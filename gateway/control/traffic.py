@@ -9,7 +9,9 @@ same split once it has read the same revision.
 
 A model under a running or paused rollout belongs to the rollout: a split change is refused
 (FAILED_PRECONDITION naming the rollout) unless forced, which aborts the rollout in the same
-commit and says so. Shadows are independent of rollouts and always allowed.
+commit and says so. Shadows are independent of rollouts and always allowed. A model under the
+approval gate (``approvals``) refuses splits that give a new, unapproved version traffic, and
+without a split serves its newest approved version.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 
+from gateway.control import approvals
 from gateway.control.store import CHECK, Change, Snapshot
 from gateway.errors import FailedPrecondition, InvalidArgument, echo
 from gateway.routing import Router, Shadow, TrafficPolicy, normalise_weights
@@ -71,6 +74,10 @@ class TrafficControl:
     def __init__(self, plane):
         self.plane = plane  # gateway.control.plane.ControlPlane
         self.router: Router = plane.router
+        # A new version of a gated model must not take the traffic of "the newest serves".
+        changes = getattr(self.router.repository, "on_change", None)
+        if changes is not None:
+            changes.append(self._model_changed)
 
     def policy(self, model: str) -> TrafficPolicy:
         return self.router.policies.get(model) or TrafficPolicy()
@@ -104,6 +111,8 @@ class TrafficControl:
         def build(snapshot: Snapshot):
             policy = make(policy_of(snapshot.value(SECTION, model)))
             self.router.check(model, policy)
+            if guard:
+                approvals.check_split(snapshot, self.router, model, policy.weights)
             changes, audit = [], []
             rollout = rollouts.parse(snapshot, model)
             if guard and rollout is not None and rollout.active:
@@ -124,7 +133,7 @@ class TrafficControl:
             change, record = policy_change(snapshot, model, policy, who, action)
             return [*changes, change], [*audit, record], policy
 
-        policy = await self.plane.commit(build)
+        policy = await approvals.commit_gated(self.plane, build, who)
         log.info("traffic %s for model '%s' by %s: %s", action, model, who,
                  describe(stored(policy)))
         return policy
@@ -133,14 +142,28 @@ class TrafficControl:
         """Serve the store's policies. An entry that does not parse keeps the policy the
         router had (and says so) rather than dropping the model's split."""
         persisted = snapshot.items(SECTION)
-        for model in set(self.router.policies) - set(persisted):
-            self.router.apply(model, None)
-        for model, data in persisted.items():
+        for model in set(self.router.policies) | set(self.router.repository.models) | \
+                set(persisted):
+            data = persisted.get(model)
             try:
-                policy = TrafficPolicy.from_json(data)
+                policy = TrafficPolicy.from_json(data) if data is not None else None
             except (InvalidArgument, KeyError, TypeError, ValueError, AttributeError) as exc:
                 log.error("stored traffic policy of model '%s' ignored (the last one read "
                           "stays): %s", model, exc)
                 continue
-            if self.router.policies.get(model) != policy:
-                self.router.apply(model, policy)
+            self._serve(snapshot, model, policy)
+
+    def _serve(self, snapshot: Snapshot, model: str, policy: TrafficPolicy | None) -> None:
+        policy = approvals.hold(snapshot, self.router, model, policy)
+        if self.router.policies.get(model) != policy:
+            self.router.apply(model, policy)
+
+    def _model_changed(self, model: str) -> None:
+        """A model's serving versions changed: re-apply its policy (the approval gate's hold
+        depends on which versions serve), before any request can route to a new version."""
+        snapshot = self.plane.snapshot
+        try:
+            data = snapshot.value(SECTION, model)
+            self._serve(snapshot, model, TrafficPolicy.from_json(data) if data else None)
+        except Exception:
+            log.exception("model '%s': traffic policy not re-applied", model)

@@ -377,3 +377,29 @@ class GetFeedbackRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: str
     def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ApproveVersionRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ApprovalStatus(_message.Message):
+    __slots__ = ("model", "version", "approved_by", "time", "publisher", "gated", "already_approved")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_BY_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHER_FIELD_NUMBER: _ClassVar[int]
+    GATED_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_APPROVED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    approved_by: str
+    time: float
+    publisher: str
+    gated: bool
+    already_approved: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., approved_by: _Optional[str] = ..., time: _Optional[float] = ..., publisher: _Optional[str] = ..., gated: _Optional[bool] = ..., already_approved: _Optional[bool] = ...) -> None: ...

@@ -114,6 +114,11 @@ class GatewayAdminStub:
                 request_serializer=gateway__admin__pb2.GetFeedbackRequest.SerializeToString,
                 response_deserializer=gateway__admin__pb2.FeedbackStatus.FromString,
                 _registered_method=True)
+        self.ApproveVersion = channel.unary_unary(
+                '/gateway.admin.v1.GatewayAdmin/ApproveVersion',
+                request_serializer=gateway__admin__pb2.ApproveVersionRequest.SerializeToString,
+                response_deserializer=gateway__admin__pb2.ApprovalStatus.FromString,
+                _registered_method=True)
 
 
 class GatewayAdminServicer:
@@ -218,6 +223,14 @@ class GatewayAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApproveVersion(self, request, context):
+        """Governance: approve a version for live traffic (models with require_approval in their
+        gateway.yaml); refused with PERMISSION_DENIED for the version's own publisher.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -300,6 +313,11 @@ def add_GatewayAdminServicer_to_server(servicer, server):
                     servicer.GetFeedback,
                     request_deserializer=gateway__admin__pb2.GetFeedbackRequest.FromString,
                     response_serializer=gateway__admin__pb2.FeedbackStatus.SerializeToString,
+            ),
+            'ApproveVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveVersion,
+                    request_deserializer=gateway__admin__pb2.ApproveVersionRequest.FromString,
+                    response_serializer=gateway__admin__pb2.ApprovalStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -734,6 +752,33 @@ class GatewayAdmin:
             '/gateway.admin.v1.GatewayAdmin/GetFeedback',
             gateway__admin__pb2.GetFeedbackRequest.SerializeToString,
             gateway__admin__pb2.FeedbackStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.admin.v1.GatewayAdmin/ApproveVersion',
+            gateway__admin__pb2.ApproveVersionRequest.SerializeToString,
+            gateway__admin__pb2.ApprovalStatus.FromString,
             options,
             channel_credentials,
             insecure,
