@@ -123,6 +123,9 @@ class GatewayServer:
 
             self._http = HttpFrontend(self.dataplane, self.repository, self.is_ready,
                                       self.authenticator, s.max_message_bytes)
+            from gateway.protocol.console import Console
+
+            self._http.console = Console(self)  # the operator console under /ui/
             tls = server_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
             self.http_port = await self._http.start(s.host, s.http_port, tls, s.reuse_port)
         self.dataplane.observer = _fan_out(self.dataplane.observer, self.control.counter.observe)
