@@ -243,7 +243,9 @@ def requested_outputs(config: ModelConfig, names: list[str]) -> list[int]:
                 raise InvalidArgument(
                     f"output '{echo(name)}' is a {config.unsupported_outputs[name]}, which this "
                     "gateway cannot return; ask for tensor outputs only")
-            raise InvalidArgument(f"model '{config.name}' has no output '{echo(name)}'")
+            raise InvalidArgument(f"unexpected inference output '{echo(name)}' for model "
+                                  f"'{config.name}'; its outputs are "
+                                  f"{', '.join(o.name for o in config.outputs)}")
         if index in wanted:  # at most a model's outputs: a short list
             raise InvalidArgument(f"output '{echo(name)}' already exists in request")
         wanted.append(index)

@@ -40,6 +40,41 @@ def valid_model_name(name: str) -> bool:
     return MODEL_NAME.fullmatch(name) is not None and ".." not in name
 
 
+# What a load request's name may hold to be looked up at all (Triton accepts "...", "..m",
+# "m..1": valid names, just never model directories here).
+LOADABLE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+
+
+def unknown_model(name: str) -> NotFound:
+    """Triton's words, which clients match on (``simple_grpc_health_metadata.py`` does)."""
+    return NotFound(f"Request for unknown model: '{echo(name)}' is not found")
+
+
+def unknown_version(name: str, version: str) -> NotFound:
+    return NotFound(f"Request for unknown model: '{echo(name)}' version {echo(version)} is not "
+                    "found")
+
+
+def failed_to_poll(name: str, why: str) -> NotFound:
+    return NotFound(f"failed to load '{echo(name)}', failed to poll from model repository: {why}")
+
+
+def check_load_name(name: str) -> None:
+    """Triton's model name validation on load (its ``ValidateModelName``), in its words: an
+    empty or blank name, then ``..`` or a ``/``. Then this gateway's own rule for names it may
+    look up (letters, digits, '_', '-', '.'; at most 128)."""
+    trimmed = name.strip()
+    if not trimmed:
+        raise InvalidArgument("Model name cannot be empty. Please enter a valid name to deploy.")
+    if trimmed == ".." or "/" in trimmed:
+        raise InvalidArgument(f"invalid model name '{echo(name)}', model name must not contain "
+                              "path traversal characters")
+    if LOADABLE_NAME.fullmatch(name) is None:
+        raise InvalidArgument(
+            f"invalid model name '{echo(name)}': use letters, digits, '_', '-' and '.' "
+            "(at most 128, not starting with '.' or '-')")
+
+
 def check_model_name(name: str) -> str:
     """Refuse names that could escape the repository or are not plain directory names."""
     if not valid_model_name(name):
@@ -93,14 +128,14 @@ class Repository:
     def get(self, name: str) -> ModelEntry:
         entry = self.models.get(name)
         if entry is None:
-            raise NotFound(f"unknown model '{echo(name)}'")
+            raise unknown_model(name)
         return entry
 
     def version(self, name: str, version: str) -> ServingVersion:
         """The serving version asked for ("" = newest), or the right error."""
         entry = self.models.get(name)
         if entry is None:
-            raise NotFound(f"unknown model '{echo(name)}'")
+            raise unknown_model(name)
         if not version:
             if entry.latest is None:
                 raise Unavailable(_why_unavailable(entry, name))
@@ -111,7 +146,7 @@ class Repository:
         if version in entry.reasons:
             raise Unavailable(f"model '{name}' version {version} is not available: "
                               f"{entry.reasons[version]}")
-        raise NotFound(f"unknown version '{echo(version)}' of model '{name}'")
+        raise unknown_version(name, version)
 
     # ---- disk -----------------------------------------------------------------------------
 
@@ -271,7 +306,7 @@ class Repository:
         async with self._locks.setdefault(name, asyncio.Lock()):
             entry = self.models.get(name)
             if entry is None:
-                raise NotFound(f"unknown model '{name}'")
+                raise unknown_model(name)
             retired = list(entry.serving.values())
             self._publish(entry, {}, {"": "unloaded"})
             await asyncio.gather(*(v.batcher.close() for v in retired))
@@ -281,20 +316,25 @@ class Repository:
     def _check_explicit(self, verb: str) -> None:
         if self.control_mode != "explicit":
             raise FailedPrecondition(
-                f"cannot {verb} models: the repository is in '{self.control_mode}' control mode; "
+                "explicit model load / unload is not allowed if polling is enabled: cannot "
+                f"{verb} models, the repository is in '{self.control_mode}' control mode; "
                 "start the server with --control-mode explicit")
 
     async def load_requested(self, name: str, parameter_keys: list[str]) -> None:
         """Load on an operator's request; refuses content or config sent over the network."""
         self._check_explicit("load")
+        check_load_name(name)
         for key in parameter_keys:
             if key.startswith("file:") or key == "config":
                 raise InvalidArgument(
                     f"load parameter '{echo(key)}' is refused: models and configs are read only "
                     "from the server's repository, never from the request")
-        self.model_dir(name)
+        if not valid_model_name(name):
+            raise failed_to_poll(name, "a name starting with '.' or '-' or holding '..' is "
+                                       "never a model directory")
+        self.model_dir(name)  # a directory that resolves out of the repository is refused
         if not (self.root / name).is_dir():
-            raise NotFound(f"model '{name}' is not in the repository")
+            raise failed_to_poll(name, f"model '{name}' is not in the repository")
         entry = await self.load(name)
         if not entry.serving:
             reason = entry.reasons.get("") or "; ".join(

@@ -41,15 +41,16 @@ def mlp_in(rows: int = 1, cols: int = 32, dtype=np.float32, datatype="FP32"):
 # ---- NOT_FOUND --------------------------------------------------------------------------------------
 
 def test_unknown_model_not_found(client):
-    with raises("NOT_FOUND", "unknown model 'no_such_model'"):
+    with raises("NOT_FOUND", "Request for unknown model: 'no_such_model' is not found"):
         client.infer("no_such_model", [mlp_in()], client_timeout=TIMEOUT)
 
 
 def test_unknown_version_not_found(client):
-    with raises("NOT_FOUND", "unknown version '2' of model 'mlp'"):
+    with raises("NOT_FOUND", "Request for unknown model: 'mlp' version 2 is not found"):
         client.infer("mlp", [mlp_in()], model_version="2", client_timeout=TIMEOUT)
     # On disk, but not selected by the version policy (specific: [1, 3]).
-    with raises("NOT_FOUND", "unknown version '2' of model 'specific_versions'"):
+    with raises("NOT_FOUND",
+                "Request for unknown model: 'specific_versions' version 2 is not found"):
         client.infer("specific_versions", [tensor("input", np.ones((1, 8), np.float32))],
                      model_version="2", client_timeout=TIMEOUT)
 
@@ -148,7 +149,7 @@ def test_unknown_and_duplicate_input(client):
 
 
 def test_unknown_output(client):
-    with raises("INVALID_ARGUMENT", "model 'mlp' has no output 'nope'"):
+    with raises("INVALID_ARGUMENT", "unexpected inference output 'nope' for model 'mlp'"):
         client.infer("mlp", [mlp_in()], outputs=[grpcclient.InferRequestedOutput("nope")],
                      client_timeout=TIMEOUT)
 

@@ -227,7 +227,7 @@ def test_one_answer_over_the_send_limit_on_a_stream_fails_alone(gateway):
         f" bytes, over the server's message limit of {LIMIT} bytes; ask for fewer outputs or "
         "a smaller batch")
     assert by_id["big"].infer_response.model_name == "tile"
-    assert by_id["c"].error_message == "unknown model 'nope'"
+    assert by_id["c"].error_message == "Request for unknown model: 'nope' is not found"
 
 
 # ---- streams: backpressure --------------------------------------------------------------------
@@ -270,21 +270,21 @@ def test_names_over_16_kib_are_truncated_in_errors(gateway):
     x = np.ones((1, 16), np.float32).tobytes()
     stub = gateway.stub
     rpc_error(stub.ModelInfer, infer_request(LONG, ("INPUT0", "FP32", [1, 16], x)),
-              "NOT_FOUND", f"unknown model '{SHOWN}'")
+              "NOT_FOUND", f"Request for unknown model: '{SHOWN}' is not found")
     rpc_error(stub.ModelInfer, infer_request("ident", (LONG, "FP32", [1, 16], x)),
               "INVALID_ARGUMENT", f"model 'ident' has no input '{SHOWN}'")
     rpc_error(stub.ModelInfer, infer_request("ident", ("INPUT0", "FP32", [1, 16], x),
                                              outputs=[LONG]),
-              "INVALID_ARGUMENT", f"model 'ident' has no output '{SHOWN}'")
+              "INVALID_ARGUMENT", f"unexpected inference output '{SHOWN}' for model 'ident'")
     rpc_error(stub.ModelInfer, infer_request("ident", ("INPUT0", LONG, [1, 16], x)),
               "INVALID_ARGUMENT", f"input 'INPUT0' has unsupported datatype '{SHOWN}'")
     rpc_error(stub.ModelInfer, infer_request("ident", ("INPUT0", "FP32", [1, 16], x),
                                              model_version=LONG),
-              "NOT_FOUND", f"unknown version '{SHOWN}' of model 'ident'")
+              "NOT_FOUND", f"Request for unknown model: 'ident' version {SHOWN} is not found")
     rpc_error(stub.ModelMetadata, pb.ModelMetadataRequest(name=LONG), "NOT_FOUND",
-              f"unknown model '{SHOWN}'")
+              f"Request for unknown model: '{SHOWN}' is not found")
     rpc_error(stub.ModelConfig, pb.ModelConfigRequest(name="ident", version=LONG), "NOT_FOUND",
-              f"unknown version '{SHOWN}' of model 'ident'")
+              f"Request for unknown model: 'ident' version {SHOWN} is not found")
     rpc_error(gateway.admin.GetTraffic, apb.GetTrafficRequest(model=LONG), "INVALID_ARGUMENT",
               f"invalid model name '{SHOWN}'")
     # On a stream too: the error answer is sent, the stream goes on.
@@ -292,7 +292,7 @@ def test_names_over_16_kib_are_truncated_in_errors(gateway):
         infer_request(LONG, ("INPUT0", "FP32", [1, 16], x), id="long"),
         infer_request("ident", ("INPUT0", "FP32", [1, 16], x), id="ok")]), timeout=TIMEOUT))
     by_id = {a.infer_response.id: a for a in answers}
-    assert by_id["long"].error_message == f"unknown model '{SHOWN}'"
+    assert by_id["long"].error_message == f"Request for unknown model: '{SHOWN}' is not found"
     assert not by_id["ok"].error_message
 
 
@@ -308,7 +308,7 @@ def test_a_model_name_with_a_trailing_newline_is_refused(gateway, tmp_path):
         assert info.value.details().startswith(f"invalid model name '{shown}': use letters")
     assert tree_of(gateway.repo) == before
     rpc_error(gateway.stub.ModelInfer, infer_request("iris\n", ("input", "FP32", [1, 4], b"\0" * 16)),
-              "NOT_FOUND", "unknown model 'iris\\n'")
+              "NOT_FOUND", "Request for unknown model: 'iris\\n' is not found")
 
 
 def test_a_garbage_baseline_npz_is_invalid_argument(gateway, tmp_path):

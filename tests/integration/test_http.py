@@ -132,9 +132,9 @@ def test_metadata_and_config_equal_grpc(http, client, model):
 
 def test_metadata_errors_and_versions(http):
     assert http.get_model_metadata("latest_two")["versions"] == ["2", "3"]
-    with http_raises(404, "unknown model 'no_such_model'"):
+    with http_raises(404, "Request for unknown model: 'no_such_model' is not found"):
         http.get_model_metadata("no_such_model")
-    with http_raises(404, "unknown version '9' of model 'mlp'"):
+    with http_raises(404, "Request for unknown model: 'mlp' version 9 is not found"):
         http.get_model_config("mlp", "9")
     with http_raises(503, "model 'corrupt' is not available"):
         http.get_model_metadata("corrupt")
@@ -152,7 +152,7 @@ def test_statistics(http):
     assert {b["batch_size"] for b in after["batch_stats"]} & {1, 3}
     every = http.get_inference_statistics()["model_stats"]
     assert {"mlp", "iris", "identity_fp16"} <= {s["name"] for s in every}
-    with http_raises(404, "unknown model 'no_such_model'"):
+    with http_raises(404, "Request for unknown model: 'no_such_model' is not found"):
         http.get_inference_statistics("no_such_model")
 
 
@@ -487,7 +487,8 @@ def test_plain_json_like_curl(serving_gateway, serving_repo):
     np.testing.assert_allclose(np.frombuffer(body[split:], "<f4").reshape(2, 4), expected,
                                rtol=1e-5, atol=1e-6)
     status, _, body = fetch(f"{base}/v2/models/nope/infer", json.dumps(request).encode())
-    assert status == 404 and json.loads(body) == {"error": "unknown model 'nope'"}
+    assert status == 404
+    assert json.loads(body) == {"error": "Request for unknown model: 'nope' is not found"}
 
 
 def test_the_bench_request_is_what_tritonclient_sends(serving_gateway):

@@ -276,7 +276,7 @@ async def test_aio_client_infer_and_metadata(serving_gateway, serving_repo):
 async def test_aio_client_errors(serving_gateway):
     async with aioclient.InferenceServerClient(serving_gateway.url) as client:
         x = infer_input("input", mlp_input(1))
-        with raises("NOT_FOUND", "unknown model 'nope'"):
+        with raises("NOT_FOUND", "Request for unknown model: 'nope' is not found"):
             await client.infer("nope", [x], client_timeout=TIMEOUT)
         with raises("INVALID_ARGUMENT", "has shape [1, 31]"):
             await client.infer("mlp", [infer_input("input", np.ones((1, 31), np.float32))],
@@ -341,7 +341,7 @@ def test_stream_several_requests_and_an_error_does_not_kill_the_stream(serving_g
     errors = [e for _, e in received if e is not None]
     results = {r.get_response().id: r for r, e in received if e is None}
     assert len(errors) == 1 and isinstance(errors[0], InferenceServerException)
-    check_error(errors[0], None, "unknown model 'no_such_model'")
+    check_error(errors[0], None, "Request for unknown model: 'no_such_model' is not found")
     assert set(results) == set(xs) | {"after"}
     for request_id, x in xs.items():
         (expected,) = reference(model_file(serving_repo, "mlp"), {"input": x})

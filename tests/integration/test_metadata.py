@@ -68,9 +68,9 @@ def test_model_metadata_lists_serving_versions(client):
 
 
 def test_model_metadata_errors(client):
-    with raises("NOT_FOUND", "unknown model 'no_such_model'"):
+    with raises("NOT_FOUND", "Request for unknown model: 'no_such_model' is not found"):
         client.get_model_metadata("no_such_model")
-    with raises("NOT_FOUND", "unknown version '9'", "'mlp'"):
+    with raises("NOT_FOUND", "Request for unknown model: 'mlp' version 9 is not found"):
         client.get_model_metadata("mlp", "9")
     with raises("UNAVAILABLE", "model 'corrupt' is not available"):
         client.get_model_metadata("corrupt")
@@ -123,9 +123,9 @@ def test_model_config_autocompleted_fixed_shape_model(client):
 
 
 def test_model_config_errors(client):
-    with raises("NOT_FOUND", "unknown model 'nope'"):
+    with raises("NOT_FOUND", "Request for unknown model: 'nope' is not found"):
         client.get_model_config("nope")
-    with raises("NOT_FOUND", "unknown version '7'"):
+    with raises("NOT_FOUND", "Request for unknown model: 'mlp' version 7 is not found"):
         client.get_model_config("mlp", "7")
     with raises("UNAVAILABLE", "'bad_config'", "tensorflow_savedmodel"):
         client.get_model_config("bad_config")
@@ -144,7 +144,7 @@ def test_statistics_after_inference(client):
     assert after.inference_stats.success.count == before.inference_stats.success.count + 1
     assert after.inference_count == before.inference_count + 2  # rows, as Triton counts
     assert after.execution_count >= before.execution_count + 1
-    with raises("NOT_FOUND", "unknown model 'nope'"):
+    with raises("NOT_FOUND", "Request for unknown model: 'nope' is not found"):
         client.get_inference_statistics("nope")
 
 

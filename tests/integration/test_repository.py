@@ -88,8 +88,9 @@ def test_corrupt_model_does_not_affect_others(client, serving_repo):
 
 
 def test_load_and_unload_refused_in_none_mode(client):
-    with raises("FAILED_PRECONDITION", "cannot load models", "'none' control mode",
-                "--control-mode explicit"):
+    with raises("FAILED_PRECONDITION",
+                "explicit model load / unload is not allowed if polling is enabled",
+                "cannot load models", "'none' control mode", "--control-mode explicit"):
         client.load_model("mlp")
     with raises("FAILED_PRECONDITION", "cannot unload models", "'none' control mode"):
         client.unload_model("mlp")
@@ -117,7 +118,8 @@ def test_version_policies(client, serving_repo, model, served, newest):
         (expected,) = reference(model_file(serving_repo, model, int(version)), {"input": x})
         np.testing.assert_allclose(result.as_numpy("output"), expected, rtol=1e-5, atol=1e-6)
     for version in {"1", "2", "3"} - set(served):
-        with raises("NOT_FOUND", f"unknown version '{version}' of model '{model}'"):
+        with raises("NOT_FOUND",
+                    f"Request for unknown model: '{model}' version {version} is not found"):
             infer_small(client, model, x, version)
     # No version asked: the newest serving version answers.
     result = infer_small(client, model, x)
@@ -173,7 +175,7 @@ def test_explicit_mode_loads_only_named_models_at_start(explicit_client):
     assert rows[("corrupt", "")] == ("UNAVAILABLE", "not loaded")
     assert explicit_client.is_model_ready("alpha")
     assert not explicit_client.is_model_ready("beta")
-    with raises("NOT_FOUND", "unknown model 'beta'"):
+    with raises("NOT_FOUND", "Request for unknown model: 'beta' is not found"):
         infer_small(explicit_client, "beta", small_input())
 
 
@@ -291,13 +293,36 @@ def test_explicit_load_refuses_config_and_file_overrides(explicit_client):
     assert explicit_client.is_model_ready("alpha")
 
 
-@pytest.mark.parametrize("name", ["../alpha", "..", "a/b", "/etc", ".hidden", "alpha/../beta",
-                                  "x" * 200, ""])
-def test_explicit_load_refuses_names_that_are_not_plain_directories(explicit_client, name):
-    with raises("INVALID_ARGUMENT", "invalid model name"):
+@pytest.mark.parametrize("name", ["../alpha", "..", "a/b", "/etc", "alpha/../beta", " .. "])
+def test_explicit_load_refuses_traversal_names_in_tritons_words(explicit_client, name):
+    with raises("INVALID_ARGUMENT", f"invalid model name '{name}', model name must not contain "
+                "path traversal characters"):
         explicit_client.load_model(name)
     with raises("INVALID_ARGUMENT", "invalid model name"):
         explicit_client.unload_model(name)
+
+
+@pytest.mark.parametrize("name", ["", " ", "\t \n"])
+def test_explicit_load_refuses_blank_names_in_tritons_words(explicit_client, name):
+    with raises("INVALID_ARGUMENT",
+                "Model name cannot be empty. Please enter a valid name to deploy."):
+        explicit_client.load_model(name)
+
+
+@pytest.mark.parametrize("name", ["x" * 200, "a b", "caf\u00e9"])
+def test_explicit_load_refuses_names_that_are_not_plain_directories(explicit_client, name):
+    with raises("INVALID_ARGUMENT", "invalid model name", "use letters, digits"):
+        explicit_client.load_model(name)
+    with raises("INVALID_ARGUMENT", "invalid model name"):
+        explicit_client.unload_model(name)
+
+
+@pytest.mark.parametrize("name", [".hidden", "...", "..my_model", "model..1", "-dash", ".gateway"])
+def test_explicit_load_of_a_name_never_served_is_not_found(explicit_client, name):
+    """Valid names to Triton (its ModelNameValidationTest), but never model directories here:
+    not found, in Triton's words, and never a path traversal refusal."""
+    with raises("NOT_FOUND", f"failed to load '{name}', failed to poll from model repository"):
+        explicit_client.load_model(name)
 
 
 def test_explicit_load_refuses_a_symlink_out_of_the_repository(explicit_client):
@@ -307,9 +332,10 @@ def test_explicit_load_refuses_a_symlink_out_of_the_repository(explicit_client):
 
 
 def test_explicit_load_and_unload_unknown_model(explicit_client):
-    with raises("NOT_FOUND", "model 'missing' is not in the repository"):
+    with raises("NOT_FOUND", "failed to load 'missing', failed to poll from model repository",
+                "model 'missing' is not in the repository"):
         explicit_client.load_model("missing")
-    with raises("NOT_FOUND", "unknown model 'missing'"):
+    with raises("NOT_FOUND", "Request for unknown model: 'missing' is not found"):
         explicit_client.unload_model("missing")
 
 

@@ -217,7 +217,8 @@ def test_columns_that_cannot_feed_the_model_stop_before_scoring(repo, served, tm
     refused(gateway("score", "tiny_mlp", source, "-o", out, *local, "--input", "input=y"), 2,
             "column 'y' holds one value per row; input 'input' (FP32 [32]) takes 32 per row")
     refused(gateway("score", "nope", source, "-o", out, "--url", served.url), 2,
-            f"the gateway at {served.url} refused model 'nope': NOT_FOUND: unknown model 'nope'")
+            f"the gateway at {served.url} refused model 'nope': NOT_FOUND: "
+            "Request for unknown model: 'nope' is not found")
     refused(gateway("score", "nope", source, "-o", out, *local), 2,
             "model 'nope' is not in the repository")
     refused(gateway("score", "tiny_mlp", source, "-o", out), 2,

@@ -158,7 +158,8 @@ def test_traversal_names_are_refused_everywhere(secured, name):
         with pytest.raises(InferenceServerException) as info:
             client.load_model(name, headers=auth)
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
-        assert "invalid model name" in info.value.message()
+        assert ("invalid model name" if name else "Model name cannot be empty") \
+            in info.value.message()
         with pytest.raises(InferenceServerException) as info:
             client.get_model_metadata(name, headers=auth)
         assert info.value.status() in ("StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT")

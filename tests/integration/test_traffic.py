@@ -126,7 +126,8 @@ def test_a_refused_split_keeps_the_old_one(gateway):
 def test_unknown_model_is_not_found(gateway):
     code, _, err = cli(gateway.url, "show", "nope")
     assert code == 1
-    assert err.strip() == "gateway traffic show: NOT_FOUND: unknown model 'nope'"
+    assert err.strip() == ("gateway traffic show: NOT_FOUND: Request for unknown model: 'nope' "
+                           "is not found")
 
 
 def test_live_changes_under_load_lose_no_request(gateway):
