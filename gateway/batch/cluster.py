@@ -18,8 +18,8 @@ line up with the input, partition by partition::
 
     frame = dd.read_parquet("s3://bucket/rows/")            # any Dask DataFrame
     scorer = Scorer("tiny_mlp", url="gateway.internal:8001")
-    scores = score_dataframe(frame, scorer)                    # = frame.map_partitions(scorer, meta=...)
-    frame.join(scores).to_parquet("s3://bucket/scored/")
+    scores = score_dataframe(frame, scorer)          # frame.map_partitions(scorer, meta=...)
+    score_dataframe(frame, scorer, keep_columns=True).to_parquet("s3://bucket/scored/")
 
 Retries, row errors and ``fail_fast`` behave as in ``gateway score``; checkpointing is Dask's
 business here (its task retries rerun a failed partition).
@@ -157,10 +157,18 @@ def _to_pandas(table: pa.Table) -> pd.DataFrame:
     return table.to_pandas(types_mapper=_dtype)
 
 
-def score_dataframe(frame, scorer: Scorer):
+def score_dataframe(frame, scorer: Scorer, *, keep_columns: bool = False):
     """``frame.map_partitions(scorer)`` with the result's ``meta``: a Dask DataFrame with the
-    same partitions and index as ``frame`` and the scores as columns."""
+    same partitions and index as ``frame`` and the scores as columns (after ``frame``'s own
+    columns with ``keep_columns``, joined partition by partition, without a shuffle)."""
+    if keep_columns:
+        return frame.map_partitions(_with_scores, scorer,
+                                    meta=frame._meta.join(scorer.meta()))
     return frame.map_partitions(scorer, meta=scorer.meta())
+
+
+def _with_scores(part: pd.DataFrame, scorer: Scorer) -> pd.DataFrame:
+    return part.join(scorer(part))
 
 
 def close_all() -> None:
