@@ -18,7 +18,10 @@ The rules, for a gated model:
 - with no split, requests go to the newest *approved* serving version (the oldest serving one
   while none is approved) instead of the newest: publishing a version never moves traffic by
   itself. This hold is installed in the router with the stored policies (``hold``), so it
-  holds from the moment a new version loads.
+  holds from the moment a new version loads;
+- approving does not move traffic either: where the hold would switch to the version just
+  approved, the approval stores the version serving now as the split, in the same commit
+  (a rollout or a split then moves traffic).
 
 The publisher of a version is ``published_by`` in its ``metadata.json`` (the identity that
 published it through a gateway: the token's name, or the caller's address without auth), else
@@ -207,6 +210,34 @@ async def commit_gated(plane, build, who: str):
         raise
 
 
+def _keep_serving(snapshot: Snapshot, router, model: str, approved: dict, who: str):
+    """An approval makes a version eligible for traffic; it does not move traffic. Without a
+    split, the hold would now pick the newly approved version: pin what serves now instead,
+    in the same commit (a rollout or a split then moves traffic, as for any canary)."""
+    from gateway.control.traffic import SECTION as TRAFFIC
+    from gateway.control.traffic import policy_change, policy_of
+    from gateway.routing import TrafficPolicy, normalise_weights
+
+    entry = router.repository.models.get(model)
+    stored = policy_of(snapshot.value(TRAFFIC, model))
+    if entry is None or not entry.serving or stored.weights or \
+            not gated(router.repository, model):
+        return None
+    shares, _ = router.effective(model)
+    if not shares:
+        return None
+    current = max(shares, key=lambda v: (shares[v], int(v)))
+    eligible = [v for v in entry.serving if v in approved]
+    after = max(eligible, key=int) if eligible else min(entry.serving, key=int)
+    if after == current:
+        return None
+    change, record = policy_change(snapshot, model, TrafficPolicy(
+        normalise_weights({current: 100.0}), stored.shadow), who, "approval-hold")
+    record["summary"] += (f" (traffic stays on version {current}: an approval does not move "
+                          "traffic; start a rollout or set a split)")
+    return change, record
+
+
 def _version_on_disk(root: Path, model: str, version: str) -> tuple[bool, dict]:
     vdir = root / model / version
     if not vdir.is_dir():
@@ -255,11 +286,16 @@ async def approve(plane, model: str, version: str, who: str) -> dict:
             return None
         versions[version] = approval
         by = f" (published by {publisher})" if publisher else ""
-        return ([Change(SECTION, model, {"versions": versions},
-                        snapshot.revision_of(SECTION, model))],
-                [{"time": now, "who": who, "section": SECTION, "model": model,
+        changes = [Change(SECTION, model, {"versions": versions},
+                          snapshot.revision_of(SECTION, model))]
+        audit = [{"time": now, "who": who, "section": SECTION, "model": model,
                   "action": "approve", "old": None, "new": {"version": version, **approval},
-                  "summary": f"version {version} approved by {who}{by}"}], approval)
+                  "summary": f"version {version} approved by {who}{by}"}]
+        keep = _keep_serving(snapshot, plane.router, model, versions, who)
+        if keep is not None:
+            changes.append(keep[0])
+            audit.append(keep[1])
+        return changes, audit, approval
 
     result = await plane.commit(build)
     gate = gated(repository, model)
