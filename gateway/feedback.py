@@ -50,7 +50,7 @@ FLOATS = {"FP16", "FP32", "FP64"}
 FLUSH_S = 0.1  # predictions reach the shared table within this
 TOTALS_S = 1.0  # the fleet's totals are read back this often
 COUNT_S = 30.0  # the shared table's kept predictions are counted this often (for the metric)
-OUTBOX_MAX = 200_000  # predictions waiting for the next flush; beyond, the oldest are dropped
+OUTBOX_MAX = 50_000  # predictions waiting for a flush (ids <= 1 KiB: <= ~60 MB); beyond, oldest dropped
 
 
 class SettingsError(ValueError):
