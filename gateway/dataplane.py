@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from gateway.errors import GatewayError, InvalidArgument, ResourceExhausted, Unavailable, echo
-from gateway.modelconfig import ModelConfig
+from gateway.modelconfig import ModelConfig, carry_variable_dims
 from gateway.repository import ServingVersion
 from gateway.routing import Router
 from gateway.tensors import InferRequest, InferResponse, Tensor
@@ -206,7 +206,10 @@ def prepare_inputs(config: ModelConfig,
         if spec.datatype == "BYTES":
             data = as_text(t.name, data)
         if spec.reshape is not None:
-            data = data.reshape(((size,) if batching else ()) + spec.reshape)
+            reshape = spec.reshape
+            if -1 in reshape:
+                reshape = carry_variable_dims(dims, spec.dims, reshape)
+            data = data.reshape(((size,) if batching else ()) + reshape)
         arrays[index] = data
     key = tuple(a.shape[1:] for a in arrays) if batching else ()
     return arrays, size or 1, key
@@ -255,5 +258,10 @@ def requested_outputs(config: ModelConfig, names: list[str]) -> list[int]:
 def response_tensor(config: ModelConfig, index: int, data: np.ndarray, size: int) -> Tensor:
     spec = config.outputs[index]
     if spec.reshape is not None:
-        data = data.reshape(((size,) if config.max_batch_size > 0 else ()) + spec.dims)
+        batching = config.max_batch_size > 0
+        dims = spec.dims
+        if -1 in dims:
+            dims = carry_variable_dims(data.shape[1:] if batching else data.shape, spec.reshape,
+                                       dims)
+        data = data.reshape(((size,) if batching else ()) + dims)
     return Tensor(spec.name, spec.datatype, data)

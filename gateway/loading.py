@@ -165,7 +165,8 @@ def _zeros(config: ModelConfig, size: int) -> dict:
     """Warm-up feeds: zeros (empty strings) of batch ``size`` (0: a model without batching)."""
     feeds = {}
     for spec in config.inputs:
-        dims = tuple(1 if d < 0 else d for d in spec.dims)
+        model_dims = spec.dims if spec.reshape is None else spec.reshape  # what the model sees
+        dims = tuple(1 if d < 0 else d for d in model_dims)
         shape = (size, *dims) if size else dims
         feeds[spec.name] = (np.full(shape, b"", dtype=object) if spec.datatype == "BYTES"
                             else np.zeros(shape, dtype=DATATYPE_TO_DTYPE[spec.datatype]))

@@ -231,6 +231,12 @@ def _check_tensor(t, declared: dict[str, TensorSpec], kind: str, skip: int) -> T
             f"shape {list(spec.dims)} in the model")
     model_dims = spec.dims[skip:]
     reshape = tuple(t.reshape.shape) if t.HasField("reshape") else None
+    if (reshape is None and not skip and not model_dims and dims
+            and all(d == 1 for d in dims)):
+        # The model declares no dims: a scalar or a tensor of unknown rank (ONNX Runtime
+        # reports both alike). Triton serves it with dims [1] (or [1, 1] ...): the tensor is
+        # handed to the model as a scalar and answered with the config's dims.
+        reshape = ()
     expected = dims if reshape is None else reshape
     if (len(expected) != len(model_dims)
         or any(m != -1 and c != -1 and m != c for c, m in zip(expected, model_dims))):
@@ -238,13 +244,30 @@ def _check_tensor(t, declared: dict[str, TensorSpec], kind: str, skip: int) -> T
             f"{kind} '{t.name}' has {'dims' if reshape is None else 'reshape'} {list(expected)} "
             f"in config.pbtxt but {list(model_dims)} in the model"
             + (" (batch dim excluded)" if skip else ""))
-    if reshape is not None and (-1 in dims or -1 in reshape) and dims != reshape:
-        raise ModelLoadError(f"{kind} '{t.name}': reshape with variable dims is not supported")
-    if reshape is not None and prod(dims) != prod(reshape):
-        raise ModelLoadError(f"{kind} '{t.name}': dims {list(dims)} and reshape {list(reshape)} "
-                             "hold different numbers of elements")
+    if reshape is not None and (dims.count(-1) != reshape.count(-1)
+                                or _fixed(dims) != _fixed(reshape)):
+        # Variable dims are carried over in order, as Triton does: dims [2, 4, -1, 6] with
+        # reshape [8, -1, 1, 6] hands the model [8, n, 1, 6] for a tensor of [2, 4, n, 6].
+        raise ModelLoadError(
+            f"{kind} '{t.name}': dims {list(dims)} and reshape {list(reshape)} hold different "
+            "numbers of elements" + (" (variable dims carry over in order: both need as many "
+                                     "-1 dims, and equal products of the others)"
+                                     if -1 in dims or -1 in reshape else ""))
     return TensorSpec(t.name, datatype, dims, optional=bool(getattr(t, "optional", False)),
                       reshape=reshape)
+
+
+def _fixed(dims: tuple[int, ...]) -> int:
+    """The product of a shape's fixed dims."""
+    return prod(d for d in dims if d != -1)
+
+
+def carry_variable_dims(shape: tuple[int, ...], source: tuple[int, ...],
+                        target: tuple[int, ...]) -> tuple[int, ...]:
+    """``target`` with its -1 dims taken, in order, from the sizes ``shape`` has where
+    ``source`` has -1 (a reshape with variable dims, in either direction)."""
+    values = iter([n for n, d in zip(shape, source) if d == -1])
+    return tuple(next(values) if d == -1 else d for d in target)
 
 
 def version_policy(proto: mc.ModelConfig) -> VersionPolicy:

@@ -179,3 +179,64 @@ async def test_the_encoding_is_accounted_with_the_request():
     assert seen == ["OK", "RESOURCE_EXHAUSTED"]
     stats = router.versions["a"].stats
     assert (stats.success.count, stats.fail.count) == (1, 1)
+
+
+# ---------------------------------------------------------------- validation helpers
+
+def config_from(text: str, io) -> ModelConfig:
+    from google.protobuf import text_format
+
+    from gateway.modelconfig import complete_config, validate
+    from gateway.modelconfig_pb import model_config_pb2 as mc
+
+    proto = text_format.Parse(text, mc.ModelConfig(name="m"))
+    complete_config(proto, "max_batch_size" in text, io)
+    return validate(proto, io)
+
+
+def test_a_variable_reshape_carries_the_variable_dims_both_ways():
+    """Triton's L0_infer_reshape: dims [2, 4, -1, 6] reshape [8, -1, 1, 6]; the model sees
+    [b, 8, n, 1, 6] and the caller gets [b, 2, 4, n, 6] back."""
+    from gateway.dataplane import prepare_inputs, response_tensor
+    from runtimes.base import ModelIO
+
+    io = ModelIO([TensorSpec("x", "INT32", (-1, 8, -1, 1, 6))],
+                 [TensorSpec("y", "INT32", (-1, 8, -1, 1, 6))])
+    cfg = config_from("""max_batch_size: 8
+        input [ { name: "x" data_type: TYPE_INT32 dims: [ 2, 4, -1, 6 ]
+                  reshape: { shape: [ 8, -1, 1, 6 ] } } ]
+        output [ { name: "y" data_type: TYPE_INT32 dims: [ 2, 4, -1, 6 ]
+                   reshape: { shape: [ 8, -1, 1, 6 ] } } ]""", io)
+    x = np.arange(3 * 2 * 4 * 5 * 6, dtype=np.int32).reshape(3, 2, 4, 5, 6)
+    (fed,), size, key = prepare_inputs(cfg, [Tensor("x", "INT32", x)])
+    assert fed.shape == (3, 8, 5, 1, 6) and size == 3 and key == ((8, 5, 1, 6),)
+    out = response_tensor(cfg, 0, fed, size)
+    assert out.data.shape == (3, 2, 4, 5, 6)
+    np.testing.assert_array_equal(out.data, x)
+
+
+def test_a_dimensionless_model_tensor_is_fed_as_a_scalar_and_answered_with_config_dims():
+    from gateway.dataplane import prepare_inputs, response_tensor
+    from runtimes.base import ModelIO
+
+    io = ModelIO([TensorSpec("x", "FP32", ())], [TensorSpec("y", "FP32", ())])
+    cfg = config_from("""input [ { name: "x" data_type: TYPE_FP32 dims: [ 1, 1 ] } ]
+        output [ { name: "y" data_type: TYPE_FP32 dims: [ 1, 1 ] } ]""", io)
+    (fed,), size, _ = prepare_inputs(cfg, [Tensor("x", "FP32", np.ones((1, 1), np.float32))])
+    assert fed.shape == ()
+    assert response_tensor(cfg, 0, np.float32(2.0), size).data.shape == (1, 1)
+
+
+def test_an_unknown_output_is_refused_in_tritons_words():
+    from gateway.dataplane import requested_outputs
+    from gateway.errors import InvalidArgument
+    from runtimes.base import ModelIO
+
+    io = ModelIO([TensorSpec("x", "FP32", (-1, 2))], [TensorSpec("y", "FP32", (-1, 2))])
+    cfg = config_from("max_batch_size: 4", io)
+    with pytest.raises(InvalidArgument) as info:
+        requested_outputs(cfg, ["nope"])
+    assert info.value.message == ("unexpected inference output 'nope' for model 'm'; its "
+                                  "outputs are y")
+    with pytest.raises(InvalidArgument, match="output 'y' already exists in request"):
+        requested_outputs(cfg, ["y", "y"])

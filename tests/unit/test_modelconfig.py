@@ -459,11 +459,42 @@ def test_reshape_needs_dims(tmp_path):
         "input 'input': dims [] and reshape [4] hold different numbers of elements")
 
 
-def test_reshape_with_variable_dims_is_refused(tmp_path):
+def test_reshape_with_variable_dims_must_carry_them_over(tmp_path):
     io = ModelIO([TensorSpec("x", "FP32", (-1, -1))], [TensorSpec("y", "FP32", (-1,))])
     text = 'max_batch_size: 8\ninput [ { name: "x" dims: [ -1, 2 ] reshape: { shape: [ -1 ] } } ]'
     assert load_error(tmp_path, text, io) == (
-        "input 'x': reshape with variable dims is not supported")
+        "input 'x': dims [-1, 2] and reshape [-1] hold different numbers of elements (variable "
+        "dims carry over in order: both need as many -1 dims, and equal products of the others)")
+
+
+def test_reshape_with_variable_dims_loads(tmp_path):
+    """Triton's L0_infer_reshape models: dims [2, 4, -1, 6] reshape [8, -1, 1, 6]."""
+    io = ModelIO([TensorSpec("x", "INT32", (8, -1, 1, 6))],
+                 [TensorSpec("y", "INT32", (8, -1, 1, 6))])
+    text = """
+        input [ { name: "x" data_type: TYPE_INT32 dims: [ 2, 4, -1, 6 ]
+                  reshape: { shape: [ 8, -1, 1, 6 ] } } ]
+        output [ { name: "y" data_type: TYPE_INT32 dims: [ 2, 4, -1, 6 ]
+                   reshape: { shape: [ 8, -1, 1, 6 ] } } ]
+    """
+    config = load(tmp_path, text, io)
+    assert config.inputs[0].dims == (2, 4, -1, 6)
+    assert config.inputs[0].reshape == (8, -1, 1, 6)
+
+
+def test_a_model_tensor_without_dims_takes_config_dims_of_ones(tmp_path):
+    """ONNX Runtime reports a scalar and a tensor of unknown rank alike (no dims): Triton serves
+    it with dims [1] (L0_scalar_io); the model gets a scalar."""
+    io = ModelIO([TensorSpec("x", "FP32", ())], [TensorSpec("y", "FP32", ())])
+    text = """
+        input [ { name: "x" data_type: TYPE_FP32 dims: [ 1, 1 ] } ]
+        output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+    """
+    config = load(tmp_path, text, io)
+    assert (config.inputs[0].dims, config.inputs[0].reshape) == ((1, 1), ())
+    assert (config.outputs[0].dims, config.outputs[0].reshape) == ((1,), ())
+    assert load_error(tmp_path, text.replace("dims: [ 1 ]", "dims: [ 2 ]"), io) == (
+        "output 'y' has dims [2] in config.pbtxt but [] in the model")
 
 
 # ---------------------------------------------------------------- version policy
