@@ -321,6 +321,15 @@ class DriftMonitor:
         return [m for m in self.inputs if m.alert.active]
 
 
+def _in_package(model_dir: Path) -> bool:
+    from gateway.config import DEMO_REPOSITORY
+
+    try:
+        return Path(model_dir).resolve().is_relative_to(DEMO_REPOSITORY.resolve())
+    except OSError:
+        return False
+
+
 def create_monitor(served, model_dir: Path, s, interval: float) -> DriftMonitor | None:
     """A DriftMonitor for a serving version per its settings, or None if nothing to monitor."""
     if not s.enabled:
@@ -395,7 +404,9 @@ def create_monitor(served, model_dir: Path, s, interval: float) -> DriftMonitor 
     log.info("%s: drift monitoring of %s", label, ", ".join(
         f"'{m.name}' ({'whole tensor' if m.pooled else f'{len(m.features)} features'}, "
         f"baseline {_origin(m)})" for m in inputs))
-    persisted = served_exists or not any(m.source == "pending" for m in inputs)
+    # The bundled demo repository is part of the installed package: never written to.
+    persisted = served_exists or not any(m.source == "pending" for m in inputs) \
+        or _in_package(model_dir)
     return DriftMonitor(served.model, served.version, batching, inputs, s, model_dir,
                         files_signature(model_dir, served.version), interval, persisted)
 

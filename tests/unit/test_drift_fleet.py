@@ -371,3 +371,11 @@ def test_fleet_claim_runs_on_the_loop_and_raises_when_the_loop_is_gone(tmp_path)
     loop.close()
     with pytest.raises(RuntimeError):
         claim("other", 60)
+
+
+def test_the_bundled_demo_repository_is_never_written_to():
+    from gateway.config import DEMO_REPOSITORY
+    from gateway.monitoring.drift import _in_package
+
+    assert _in_package(DEMO_REPOSITORY / "tiny_mlp")
+    assert not _in_package(DEMO_REPOSITORY.parent / "elsewhere")
