@@ -50,17 +50,21 @@ class ScoreReport:
     chunks: int = 0
     resumed_chunks: int = 0
     retries: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole job
+    load_seconds: float = 0.0  # of which connecting or loading the model
     examples: list = field(default_factory=list)  # (row id, error) of some failed rows
 
     @property
     def rows_per_second(self) -> float:
+        """Rows scored by this run per second, from the model ready to the output written."""
         scored = self.rows_in * (1 - self.resumed_chunks / self.chunks) if self.chunks else 0
-        return scored / self.seconds if self.seconds else 0.0
+        seconds = self.seconds - self.load_seconds
+        return scored / seconds if seconds > 0 else 0.0
 
     def lines(self) -> list[str]:
         lines = [(f"scored {self.source.name} with model '{self.model}' ({self.engine}) in "
-                  f"{self.seconds:.1f} s, {self.rows_per_second:,.0f} rows/s"),
+                  f"{self.seconds:.1f} s (model ready after {self.load_seconds:.1f} s), "
+                  f"{self.rows_per_second:,.0f} rows/s"),
                  (f"  rows in {self.rows_in} = rows out {self.rows_out}: {self.ok} scored, "
                   f"{self.failed} failed"),
                  "  versions: " + (", ".join(f"{v} ({n} rows)" for v, n in
@@ -105,6 +109,7 @@ async def score_file(model: str, source, output, *, url: str | None = None,
     started = time.perf_counter()
     try:
         info = await call_with_retries(engine.start, retry)
+        load_seconds = time.perf_counter() - started
     except InferenceFailure as exc:
         await engine.close()
         raise JobAborted(f"{engine.description}: {exc.code}: {exc.message}") from None
@@ -129,7 +134,8 @@ async def score_file(model: str, source, output, *, url: str | None = None,
                "chunk_rows": chunk_rows, "format": fmt}
         directory = Path(work_dir) if work_dir else output.with_name(output.name + ".parts")
         checkpoint = Checkpoint.open(directory, job, resume)
-        report = ScoreReport(model, engine.description, reader.path, output, fmt)
+        report = ScoreReport(model, engine.description, reader.path, output, fmt,
+                             load_seconds=load_seconds)
         bar = Progress(reader.num_rows, progress)
         try:
             await _run(reader, scorer, checkpoint, report, bar, chunk_rows, ahead)

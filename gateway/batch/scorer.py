@@ -100,10 +100,14 @@ class ChunkScorer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        ok = np.array([e is None for e in errors], dtype=bool)
+        ok = np.equal(errors, None)
         table = result_table(ids, self.id_name, self.outputs, values, ok, versions, errors)
-        stats = ChunkStats(rows, int(ok.sum()), int(rows - ok.sum()),
-                           Counter(v for v in versions if v is not None))
+        served = versions[ok]
+        counts = Counter()
+        if len(served):
+            names, sizes = np.unique(served.astype(str), return_counts=True)
+            counts.update(dict(zip(names.tolist(), sizes.tolist(), strict=True)))
+        stats = ChunkStats(rows, int(ok.sum()), int(rows - ok.sum()), counts)
         for row in np.flatnonzero(~ok)[:5]:
             stats.examples.append((ids[int(row)].as_py(), errors[row]))
         return table, stats
