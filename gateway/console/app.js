@@ -203,7 +203,9 @@ function renderDetail() {
   renderRollout(m);
   const key = JSON.stringify([m.name, m.split, m.shadow, m.versions.map((v) => [v.version, v.state]),
     m.rollout && m.rollout.state, state.session && state.session.role]);
-  const focused = document.activeElement && document.activeElement.closest('#traffic-forms, #rollout-forms');
+  const active = document.activeElement;
+  const focused = active && active.matches('input, select, textarea') &&
+    active.closest('#traffic-forms, #rollout-forms');
   if (key !== state.formsKey && !state.dirty && !focused) {
     state.formsKey = key;
     renderForms(m);
