@@ -38,10 +38,9 @@ class DataPlane:
         self._idle = asyncio.Event()
         self._shadows: set[asyncio.Task] = set()
         self.shadow_dropped = 0
-        self.on_shadow = []  # callbacks(served, ok, seconds) after each mirrored request
-        # Called once per request: (model name as asked, serving version or None, status code
-        # name, elapsed ns). Monitoring hangs here; it must be cheap.
-        self.observer = None
+        # request_finished (once per request: its subscribers must be cheap) and shadow_done
+        # go to the server's event seam (gateway/events.py)
+        self.events = router.events
         # model -> callable(request id, served, outputs, rows): keeps predictions of requests
         # with an id for ground-truth feedback (gateway/feedback.py); only enabled models.
         self.feedback: dict = {}
@@ -118,8 +117,11 @@ class DataPlane:
         elapsed = now_ns() - start_ns
         if served is not None:
             (served.stats.success if code == "OK" else served.stats.fail).add(elapsed)
-        if self.observer is not None:
-            self.observer(request.model, served, code, elapsed)
+        for handler in self.events.request_finished:
+            try:
+                handler(request.model, served, code, elapsed)
+            except Exception:
+                log.exception("a subscriber of request_finished failed")
 
     def _maybe_mirror(self, request: InferRequest, served: ServingVersion) -> None:
         """Copy the request to the shadow version, off the response path, if one is set."""
@@ -146,8 +148,7 @@ class DataPlane:
         except Exception:
             log.exception("shadow request to model '%s' version %s failed", shadow.model,
                           shadow.version)
-        for callback in self.on_shadow:
-            callback(shadow, ok, (now_ns() - start) / 1e9)
+        self.events.emit("shadow_done", shadow, ok, (now_ns() - start) / 1e9)
 
     async def drain(self, grace_seconds: float) -> bool:
         """Refuse new requests and wait for in-flight ones; True if all finished in time."""

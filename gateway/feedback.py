@@ -320,8 +320,7 @@ class FeedbackStore:
         self.models: dict[str, ModelFeedback] = {}
         self.shared = shared  # gateway.control.predictions.SharedPredictions, or None
         self.outbox: deque | None = deque(maxlen=OUTBOX_MAX) if shared is not None else None
-        self.flush_failures = 0
-        repository.on_change.append(self.model_changed)
+        self.flush_failures = 0  # the server subscribes model_changed to the event seam
 
     def model_changed(self, model: str) -> None:
         """(Re)read the model's settings after it (re)loads; versions may have new configs."""

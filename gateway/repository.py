@@ -25,6 +25,7 @@ from gateway.errors import (
     Unavailable,
     echo,
 )
+from gateway.events import Events
 from gateway.loading import load_version
 from gateway.modelconfig import ModelConfig, read_config_file, version_policy
 from gateway.statistics import ModelStats
@@ -114,11 +115,9 @@ class Repository:
         self.control_mode = control_mode
         self.models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self.on_change = []  # callbacks(model_name) after a model's serving set changes
-        self.batch_observer = None  # given to every Batcher (see Batcher.observer)
+        self.events = Events()  # the core's event seam (gateway/events.py): one per server
         self.execution_timeout_s = 0.0  # server default; a model's parameter overrides it
         self.max_inflight_per_model = 2048  # the data plane's; bounds lower priorities' shares
-        self.on_load_failure = []  # callbacks(model, version ("" = the model), reason)
         # async (model, loaded, action) -> (processes done, live processes): set by the server
         # so an operator's load or unload reaches every process of the fleet
         self.broadcast = None
@@ -271,7 +270,7 @@ class Repository:
                               stats, execution_timeout(config, self.execution_timeout_s),
                               inline=loaded.inline, inline_budget_s=loaded.inline_budget_s,
                               max_inflight=self.max_inflight_per_model)
-            batcher.observer = self.batch_observer
+            batcher.observer = self.events.batch
             batcher.start()
             new_serving[key] = ServingVersion(name, key, config, batcher, stats, signature)
             log.info("model '%s' version %s ready (%d instance%s, %s)", name, key,
@@ -289,8 +288,7 @@ class Repository:
         await asyncio.gather(*(old.batcher.close() for old in retired))
 
     def _load_failed(self, name: str, version: str, reason: str) -> None:
-        for callback in self.on_load_failure:
-            callback(name, version, reason)
+        self.events.emit("load_failed", name, version, reason)
 
     def _publish(self, entry: ModelEntry, serving: dict[str, ServingVersion],
                  reasons: dict[str, str]) -> None:
@@ -298,8 +296,7 @@ class Repository:
         entry.latest = serving[max(serving, key=int)] if serving else None
         entry.config = entry.latest.config if entry.latest else entry.config
         entry.reasons = reasons
-        for callback in self.on_change:
-            callback(entry.name)
+        self.events.emit("model_changed", entry.name)
 
     async def unload(self, name: str) -> None:
         """Stop serving a model; queued and running requests finish first."""

@@ -19,6 +19,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from gateway.errors import InvalidArgument, Unavailable, echo
+from gateway.events import Events
 from gateway.repository import ModelEntry, Repository, ServingVersion
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ class Router:
         self.repository = repository
         self.policies: dict[str, TrafficPolicy] = {}
         self._tables: dict[str, _Table] = {}
-        self.on_fallback = []  # callbacks(model, note) when a split cannot be honoured fully
+        # the seam the fallback event goes to: the repository's (a fake may have none)
+        self.events = getattr(repository, "events", None) or Events()
 
     def route(self, model: str, version: str, routing_key: str | None) -> ServingVersion:
         if version or model not in self.policies:
@@ -135,8 +137,7 @@ class Router:
         self._tables[model] = table
         if table.fallback:
             log.warning("model '%s' traffic: %s", model, table.fallback)
-            for callback in self.on_fallback:
-                callback(model, table.fallback)
+            self.events.emit("fallback", model, table.fallback)
         return table
 
     def effective(self, model: str) -> tuple[dict[str, float], str]:

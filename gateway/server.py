@@ -79,7 +79,14 @@ class GatewayServer:
         self._stopped = asyncio.Event()
         self._barrier_dir: Path | None = None  # holds the private socket of the drain barrier
         self._barrier_address = ""  # set once the server has started
-        self.repository.on_change.append(self._model_changed)
+        # Every subscriber of the core's events, in one place (monitoring adds its own when
+        # metrics are on). The gate first: a new version of a gated model must not take the
+        # traffic of "the newest serves" before anyone else hears of it.
+        self.repository.events.subscribe(
+            request_finished=self.control.counter.observe,
+            model_changed=self.traffic.model_changed)
+        self.repository.events.subscribe(model_changed=self.feedback.model_changed)
+        self.repository.events.subscribe(model_changed=self._model_changed)
 
     def is_ready(self) -> bool:
         return self._ready
@@ -128,7 +135,6 @@ class GatewayServer:
             self._http.console = Console(self)  # the operator console under /ui/
             tls = server_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
             self.http_port = await self._http.start(s.host, s.http_port, tls, s.reuse_port)
-        self.dataplane.observer = _fan_out(self.dataplane.observer, self.control.counter.observe)
         # The stored splits first: the first request after a model loads must already follow
         # them (a 5% canary must not take 100% while the state is read).
         await self.control.start(wait_s=s.state_start_wait)
@@ -334,18 +340,6 @@ def server_credentials(s: Settings) -> grpc.ServerCredentials:
     ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
     return grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
                                        root_certificates=ca, require_client_auth=ca is not None)
-
-
-def _fan_out(*observers):
-    """One request observer calling each given one (None entries skipped)."""
-    present = [o for o in observers if o is not None]
-    if len(present) == 1:
-        return present[0]
-
-    def observe(model, served, code, elapsed_ns):
-        for observer in present:
-            observer(model, served, code, elapsed_ns)
-    return observe
 
 
 def _host(host: str) -> str:

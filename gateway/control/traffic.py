@@ -74,10 +74,6 @@ class TrafficControl:
     def __init__(self, plane):
         self.plane = plane  # gateway.control.plane.ControlPlane
         self.router: Router = plane.router
-        # A new version of a gated model must not take the traffic of "the newest serves".
-        changes = getattr(self.router.repository, "on_change", None)
-        if changes is not None:
-            changes.append(self._model_changed)
 
     def policy(self, model: str) -> TrafficPolicy:
         return self.router.policies.get(model) or TrafficPolicy()
@@ -158,7 +154,7 @@ class TrafficControl:
         if self.router.policies.get(model) != policy:
             self.router.apply(model, policy)
 
-    def _model_changed(self, model: str) -> None:
+    def model_changed(self, model: str) -> None:
         """A model's serving versions changed: re-apply its policy (the approval gate's hold
         depends on which versions serve), before any request can route to a new version."""
         snapshot = self.plane.snapshot

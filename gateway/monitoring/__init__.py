@@ -40,15 +40,12 @@ class Monitoring:
         self._http = None
 
     def attach(self) -> None:
-        """Install the observers; call before models load (batchers take theirs at load)."""
+        """Subscribe to the core's events (gateway/events.py)."""
         m = self.metrics
-        self.dataplane.observer = m.observe_request
-        self.repository.batch_observer = m.observe_batch
-        self.repository.on_change.append(self._model_changed)
-        if hasattr(self.repository, "on_load_failure"):
-            self.repository.on_load_failure.append(m.load_failed)
-        self.router.on_fallback.append(m.fallback)
-        self.dataplane.on_shadow.append(m.shadow_done)
+        self.repository.events.subscribe(
+            request_finished=m.observe_request, batch_finished=m.observe_batch,
+            model_changed=self._model_changed, load_failed=m.load_failed,
+            fallback=m.fallback, shadow_done=m.shadow_done)
 
     def _model_changed(self, model: str) -> None:
         self.metrics.model_changed(model)

@@ -70,7 +70,7 @@ class ServingMetrics:
     # ---- request path (event loop) -----------------------------------------------------------
 
     def observe_request(self, model: str, served, code: str, elapsed_ns: int) -> None:
-        """DataPlane.observer: once per request."""
+        """request_finished (gateway/events.py): once per request."""
         if served is not None:
             vm = self._cache.get(served.batcher)
             if vm is None:
@@ -86,7 +86,7 @@ class ServingMetrics:
         self.unrouted[key] = self.unrouted.get(key, 0) + 1
 
     def observe_batch(self, batcher, requests, feeds, size, start_ns, infer_ns, done_ns) -> None:
-        """Batcher.observer: once per executed batch."""
+        """batch_finished (gateway/events.py): once per executed batch."""
         vm = self._cache.get(batcher)
         if vm is None:
             vm = self._lookup(batcher)

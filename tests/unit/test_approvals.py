@@ -12,6 +12,7 @@ from gateway.auth import GRANTS, TokenAuthenticator, parse_tokens, required_role
 from gateway.control import ControlPlane, RolloutSpec, approvals
 from gateway.control.filestore import FileStore
 from gateway.errors import FailedPrecondition, NotFound, PermissionDenied
+from gateway.events import Events
 from gateway.repository import ModelEntry
 from gateway.routing import Router
 
@@ -23,7 +24,7 @@ class Repository:
     def __init__(self, root, **models: list[str]):
         self.root = root
         self.models = {}
-        self.on_change = []
+        self.events = Events()
         for name, versions in models.items():
             self.set_serving(name, versions)
 
@@ -33,8 +34,7 @@ class Repository:
         entry = self.models.setdefault(name, ModelEntry(name))
         entry.serving = {v: SimpleNamespace(model=name, version=v) for v in versions}
         entry.latest = entry.serving[max(versions, key=int)] if versions else None
-        for callback in self.on_change:
-            callback(name)
+        self.events.emit("model_changed", name)
 
     def get(self, name):
         if name not in self.models:
@@ -63,6 +63,7 @@ def repo(tmp_path):
 @pytest.fixture
 async def plane(tmp_path, repo):
     control = ControlPlane(FileStore(tmp_path / "state", poll_interval=0.05), Router(repo))
+    repo.events.subscribe(model_changed=control.traffic.model_changed)  # as the server does
     await control.refresh()
     return control
 
@@ -165,6 +166,7 @@ async def test_a_step_the_gate_blocks_pauses_the_rollout(tmp_path, repo):
     clock = SimpleNamespace(now=1000.0)
     control = ControlPlane(FileStore(tmp_path / "state", clock=lambda: clock.now),
                            Router(repo))
+    repo.events.subscribe(model_changed=control.traffic.model_changed)
     await control.refresh()
     spec = RolloutSpec("m", "2", "1", steps=(10.0, 50.0, 100.0), interval_s=30,
                        min_requests=0)

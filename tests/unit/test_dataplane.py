@@ -10,6 +10,7 @@ import pytest
 
 from gateway.dataplane import DataPlane
 from gateway.errors import NotFound, ResourceExhausted, Unavailable
+from gateway.events import Events
 from gateway.modelconfig import ModelConfig, VersionPolicy
 from gateway.statistics import ModelStats
 from gateway.tensors import InferRequest, Tensor, TensorSpec
@@ -47,6 +48,7 @@ class HeldBatcher:
 class FakeRouter:
     def __init__(self, *names):
         self.policies = {}
+        self.events = Events()
         self.versions = {n: SimpleNamespace(model=n, version="1", config=config(n),
                                             batcher=HeldBatcher(), stats=ModelStats())
                          for n in names}
@@ -95,7 +97,8 @@ async def test_statistics_and_observer_see_every_outcome():
     router = FakeRouter("a")
     plane = DataPlane(router)
     seen = []
-    plane.observer = lambda model, served, code, ns: seen.append((model, served is not None, code))
+    plane.events.subscribe(request_finished=lambda model, served, code, ns: seen.append(
+        (model, served is not None, code)))
     task = asyncio.create_task(plane.infer(request("a")))
     await settle()
     router.versions["a"].batcher.release()
@@ -133,7 +136,8 @@ async def test_an_unexpected_error_is_accounted_as_internal():
     router = FakeRouter("a")
     plane = DataPlane(router)
     seen = []
-    plane.observer = lambda model, served, code, ns: seen.append((model, served is not None, code))
+    plane.events.subscribe(request_finished=lambda model, served, code, ns: seen.append(
+        (model, served is not None, code)))
 
     async def broken(arrays, size):
         raise KeyError("a bug")
@@ -162,7 +166,7 @@ async def test_the_encoding_is_accounted_with_the_request():
     router = FakeRouter("a")
     plane = DataPlane(router)
     seen = []
-    plane.observer = lambda model, served, code, ns: seen.append(code)
+    plane.events.subscribe(request_finished=lambda model, served, code, ns: seen.append(code))
 
     def refuse(response):
         raise ResourceExhausted("the response would be 9 bytes, over the limit of 8")

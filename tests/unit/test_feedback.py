@@ -13,6 +13,7 @@ from gateway.control.predictions import SqlitePredictions, shared_predictions
 from gateway.control.store import StoreUnavailable
 from gateway.dataplane import DataPlane
 from gateway.errors import NotFound
+from gateway.events import Events
 from gateway.feedback import (
     ARGMAX,
     MAX_ID_LENGTH,
@@ -175,7 +176,7 @@ class Repo:
     def __init__(self, root, entries):
         self.root = root
         self.models = entries
-        self.on_change = []
+        self.events = Events()
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["local", "shared"])
@@ -185,7 +186,6 @@ async def test_the_store_follows_gateway_yaml(tmp_path, shared):
     repo = Repo(tmp_path, {"m": entry})
     plane = SimpleNamespace(feedback={})
     store = FeedbackStore(repo, plane, SqlitePredictions(tmp_path / "state") if shared else None)
-    assert repo.on_change == [store.model_changed]
     store.model_changed("m")
     assert plane.feedback == {}
     with pytest.raises(NotFound, match="add 'feedback: {}' to its gateway.yaml"):
@@ -267,7 +267,8 @@ def test_the_data_plane_keeps_predictions_of_requests_with_an_id_only():
                               config=config([("label", "INT64", ()), ("scores", "FP32", (4,))]))
     other = SimpleNamespace(**{**vars(version), "model": "n"})
     versions = {"m": version, "n": other}
-    router = SimpleNamespace(policies={}, route=lambda model, v, key: versions[model])
+    router = SimpleNamespace(policies={}, route=lambda model, v, key: versions[model],
+                             events=Events())
     plane = DataPlane(router)
     feedback = ModelFeedback("m", FeedbackSettings())
     plane.feedback["m"] = feedback.record

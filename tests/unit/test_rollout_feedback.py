@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 from test_rollout import SPEC, feed, one, tick, world  # noqa: F401  (fixtures)
 
-from gateway.errors import InvalidArgument
 from gateway.control import Rollout, Window, decide
+from gateway.errors import InvalidArgument
 
 HEALTHY = (Window(100, 0, 0.01), Window(100, 0, 0.01))
 ACCURACY = replace(SPEC, min_accuracy_ratio=0.95, min_labels=20)

@@ -116,7 +116,7 @@ def test_an_unloaded_version_gives_its_share_to_the_rest():
     repo = FakeRepository(m=["1", "2", "3"])
     router = Router(repo)
     notes = []
-    router.on_fallback.append(lambda model, note: notes.append((model, note)))
+    router.events.subscribe(fallback=lambda model, note: notes.append((model, note)))
     router.apply("m", TrafficPolicy(normalise_weights({"1": 50, "2": 25, "3": 25})))
     repo.set_serving("m", ["1", "3"])
     assert {router.route("m", "", f"k{i}").version for i in range(500)} == {"1", "3"}
