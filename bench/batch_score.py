@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     parser.add_argument("--heavy-rows", type=int, default=20_000,
                         help="rows of the heavy MLP file (512 -> 2048x3 -> 10)")
     parser.add_argument("--models", default="tiny_mlp,tiny_mlp_1024,heavy_mlp")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each figure this many times and keep the best (a shared "
+                             "machine's other work only ever slows a round down)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
@@ -114,11 +117,16 @@ def main(argv=None) -> int:
             source = work / f"{model}.parquet"
             write_rows(source, rows, width)
             sizes = [64, 256, 1024] if model.startswith("heavy") else [64, 256, 1024, 4096]
-            best, best_batch = limit(repo / model / "1" / "model.onnx", source, sizes)
-            local, load = scored(model, source, work / f"{model}.local.parquet",
-                                 model_repository=repo)
-            remote, _ = scored(model, source, work / f"{model}.remote.parquet",
-                               url=f"127.0.0.1:{port}")
+            best, best_batch, local, load, remote = 0.0, 0, 0.0, 0.0, 0.0
+            for _ in range(args.rounds):
+                best, best_batch = max((best, best_batch),
+                                       limit(repo / model / "1" / "model.onnx", source, sizes))
+                round_local, round_load = scored(model, source, work / f"{model}.local.parquet",
+                                                 model_repository=repo)
+                if round_local > local:
+                    local, load = round_local, round_load
+                remote = max(remote, scored(model, source, work / f"{model}.remote.parquet",
+                                            url=f"127.0.0.1:{port}")[0])
             row = {"model": model, "rows": rows, "max_batch_size": max_batch,
                    "limit_rows_per_s": best, "limit_batch": best_batch,
                    "in_process_rows_per_s": local, "in_process_load_s": load,

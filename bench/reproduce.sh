@@ -45,3 +45,6 @@ python -m bench.monitoring_cost --model tiny_mlp --streams 64 --seconds 8 --roun
 
 echo "== soak"
 python -m bench.soak --minutes 3 --interval 10 --json "$out/soak.json"
+
+echo "== batch scoring: gateway score in-process and through a gateway against session.run"
+python -m bench.batch_score --rows 1000000 --heavy-rows 20000 --rounds 3 --json "$out/batch_score.json"

@@ -69,6 +69,12 @@ class LocalEngine:
         except GatewayError as exc:
             raise UsageError(exc.message) from None
         config = self._served.config
+        # The inline budget protects other callers' latency on a server's event loop; here the
+        # loop serves this job alone, and a batch that waited for the GIL (the reader's threads
+        # hold it at times) is no sign that the model is slow: keep a small model inline.
+        batcher = self._served.batcher
+        if batcher.inline:
+            batcher.inline_budget_ns = 1 << 62
         # Two requests per instance: one runs while the next is being prepared.
         self.concurrency = 2 * len(self._served.batcher.instances)
         return ModelInfo(self.model, self._served.version, config.max_batch_size,
