@@ -59,6 +59,11 @@ def repo(tmp_path_factory) -> Path:
     for name in ("tiny_mlp", "iris_classifier"):
         shutil.copytree(DEMO / name, root / name)
     models.make_version(root, "busy", 1, models.build_busy_model, width=128)
+    models.write_config(root / "busy", """
+        name: "busy"
+        max_batch_size: 64
+        dynamic_batching { }
+    """)
     for version, seed in ((1, 1), (2, 2)):
         models.make_version(root, "split_mlp", version, models.build_mlp, (8, 16, 3), seed=seed)
     models.write_config(root / "split_mlp", """
@@ -155,7 +160,7 @@ def test_python_api_reports_what_it_did(repo, mlp_rows, tmp_path):
     source = tmp_path / "rows.parquet"
     pq.write_table(pa.table({"input": _vectors(mlp_rows[:200])}), source)
     report = score("tiny_mlp", source, tmp_path / "out.parquet", model_repository=MLP_FILE,
-                   chunk_rows=64, batch_size=10)
+                   chunk_rows=64, batch_size=2)
     assert (report.rows_in, report.rows_out, report.ok, report.failed, report.chunks) == (
         200, 200, 200, 0, 4)
     assert dict(report.versions) == {"1": 200}  # a bare .onnx file serves as version 1
