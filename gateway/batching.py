@@ -122,7 +122,9 @@ class Batcher:
         # Triton's defaults: no preferred size configured means max_batch_size.
         self.preferred = frozenset(cfg.preferred_batch_sizes or (self.max_batch,))
         self.max_preferred = max(self.preferred)
-        self.trim = bool(cfg.preferred_batch_sizes)  # batches may be cut to a preferred size
+        # Without a delay a batch is cut to a preferred size only if one is below the largest
+        # batch (Triton fills preferred_batch_size with max_batch_size: nothing to cut).
+        self.trim = any(p < self.max_batch for p in cfg.preferred_batch_sizes)
         self.delay_ns = cfg.max_queue_delay_us * 1000
         self._former = asyncio.Lock()  # with a delay, one free instance forms a batch at a time
         self.default_level = cfg.default_priority_level if cfg.priority_levels else 0

@@ -46,6 +46,7 @@ def _serve(args) -> int:
         "drain_seconds": args.drain_seconds,
         "max_message_bytes": args.max_message_bytes,
         "cpu_threads": args.cpu_threads,
+        "default_max_batch_size": args.default_max_batch_size,
         "workers": args.workers,
         "log_level": args.log_level,
         "state_dir": args.state_dir,
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-seconds", type=float, help="grace for in-flight requests on stop")
     serve.add_argument("--max-message-bytes", type=int, help="largest gRPC message accepted")
     serve.add_argument("--cpu-threads", type=int, help="ONNX Runtime threads per CPU instance")
+    serve.add_argument("--default-max-batch-size", type=int, metavar="N",
+                       help="max_batch_size of a model without one whose tensors all have a "
+                            "dynamic first dim (Triton's default: 4; 0: no batching)")
     serve.add_argument("--workers", type=int, metavar="N",
                        help="processes sharing the gRPC port (SO_REUSEPORT); default 1")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")

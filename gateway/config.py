@@ -28,6 +28,9 @@ class Settings:
     max_message_bytes: int = 64 * 1024 * 1024
     drain_seconds: float = 30.0  # grace for in-flight requests on SIGTERM
     cpu_threads: int = 1  # ORT intra-op threads of each CPU model instance
+    # max_batch_size of a model without one whose tensors all have a dynamic first dim
+    # (Triton's default, 4); 0 turns such auto-completed batching off
+    default_max_batch_size: int = 4
     log_level: str = "INFO"
     state_dir: Path | None = None  # operator state; default <repository>/.gateway
     state_url: str = ""  # "" or file://DIR: the file store; redis://HOST:PORT/DB: a fleet's
@@ -75,6 +78,8 @@ class Settings:
             raise ValueError(f"HTTP port {self.http_port} is not -1 (off) or 0-65535")
         if self.workers < 1 or self.cpu_threads < 1:
             raise ValueError("workers and CPU threads must be at least 1")
+        if self.default_max_batch_size < 0:
+            raise ValueError("default max batch size must not be negative")
         if self.max_inflight < 1 or self.max_inflight_per_model < 1:
             raise ValueError("max in-flight limits must be at least 1")
         if self.max_message_bytes < 1:

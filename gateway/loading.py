@@ -18,7 +18,7 @@ import numpy as np
 
 from gateway.batching import Instance
 from gateway.errors import ModelLoadError
-from gateway.modelconfig import ModelConfig, complete_config, validate
+from gateway.modelconfig import DEFAULT_MAX_BATCH_SIZE, ModelConfig, complete_config, validate
 from gateway.modelconfig_pb import model_config_pb2 as mc
 from gateway.tensors import DATATYPE_TO_DTYPE
 from runtimes import RuntimeOptions, load_runtime
@@ -46,7 +46,8 @@ class LoadedVersion:
 
 
 def load_version(model_file: Path, model: str, version: int, proto: mc.ModelConfig,
-                 explicit_batch: bool, cpu_threads: int = 1) -> LoadedVersion:
+                 explicit_batch: bool, cpu_threads: int = 1,
+                 default_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> LoadedVersion:
     """Open every instance of one model version, complete its config and warm it up."""
     proto = copy.deepcopy(proto)
     groups = _device_plan(proto)
@@ -57,7 +58,7 @@ def load_version(model_file: Path, model: str, version: int, proto: mc.ModelConf
                 device=device, device_id=device_id, intra_op_threads=cpu_threads,
                 parameters=tuple((k, v.string_value) for k, v in proto.parameters.items())))
             if index == 0:
-                complete_config(proto, explicit_batch, runtime.io)
+                complete_config(proto, explicit_batch, runtime.io, default_max_batch_size)
                 config = validate(proto, runtime.io)
                 for name, kind in config.unsupported_outputs.items():
                     log.warning("model '%s' version %s: output '%s' is a %s, not a tensor; it is "

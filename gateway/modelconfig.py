@@ -22,7 +22,9 @@ from runtimes.base import ModelIO
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH_SIZE = 64  # used when the model file has a dynamic batch dim and no config says
+# Triton's default (its ONNX Runtime backend's default-max-batch-size): the max_batch_size a
+# model gets when its file has a dynamic batch dim and no config says; --default-max-batch-size.
+DEFAULT_MAX_BATCH_SIZE = 4
 SUPPORTED_PLATFORMS = {"", "onnxruntime_onnx"}
 SUPPORTED_BACKENDS = {"", "onnxruntime"}
 
@@ -144,19 +146,56 @@ def _datatype_enum(datatype: str) -> int:
     return mc.DataType.Value("TYPE_" + ("STRING" if datatype == "BYTES" else datatype))
 
 
-def complete_config(proto: mc.ModelConfig, explicit_batch: bool, io: ModelIO) -> None:
-    """Fill what the config leaves out from the model file, in place (Triton's auto-complete)."""
+def complete_config(proto: mc.ModelConfig, explicit_batch: bool, io: ModelIO,
+                    default_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> None:
+    """Fill what the config leaves out, in place, as Triton's auto-complete and normalisation
+    do, so the ModelConfig RPC answers what Triton would: from the model file the tensors and
+    ``max_batch_size`` (``default_max_batch_size`` when every tensor has a dynamic first dim,
+    with dynamic batching when that is above 1), then platform and backend,
+    ``default_model_filename``, ``version_policy`` (latest 1), an ``instance_group`` named and
+    counted as it runs, and ``preferred_batch_size`` (``max_batch_size``) in
+    ``dynamic_batching``."""
     if not proto.platform and not proto.backend:
+        proto.platform = "onnxruntime_onnx"
+    if not proto.backend and proto.platform == "onnxruntime_onnx":
+        proto.backend = "onnxruntime"
+    if not proto.platform and proto.backend == "onnxruntime":
         proto.platform = "onnxruntime_onnx"
     tensors = io.inputs + io.outputs
     batch_dynamic = bool(tensors) and all(t.dims and t.dims[0] == -1 for t in tensors)
     if not explicit_batch and proto.max_batch_size == 0 and batch_dynamic:
-        proto.max_batch_size = DEFAULT_MAX_BATCH_SIZE
-        if not proto.HasField("dynamic_batching") and not proto.HasField("sequence_batching"):
+        proto.max_batch_size = max(default_max_batch_size, 0)
+        if (proto.max_batch_size > 1 and not proto.HasField("dynamic_batching")
+                and not proto.HasField("sequence_batching")):
             proto.dynamic_batching.SetInParent()
     skip = 1 if proto.max_batch_size > 0 else 0
     _complete_tensors(proto.input, io.inputs, skip)
     _complete_tensors(proto.output, io.outputs, skip)
+    if not proto.default_model_filename:
+        proto.default_model_filename = "model.onnx"
+    if not proto.HasField("version_policy"):
+        proto.version_policy.latest.num_versions = 1
+    if (proto.HasField("dynamic_batching") and not proto.dynamic_batching.preferred_batch_size
+            and proto.max_batch_size > 0):
+        proto.dynamic_batching.preferred_batch_size.append(proto.max_batch_size)
+    _complete_instance_groups(proto)
+
+
+def _complete_instance_groups(proto: mc.ModelConfig) -> None:
+    """Name, kind and count of every instance group, as the loader runs them (Triton's names:
+    the model's for the group it adds, ``<model>_<index>`` for unnamed ones)."""
+    groups = proto.instance_group
+    if not groups:
+        groups.add(name=proto.name, kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    for index, group in enumerate(groups):
+        if not group.name:
+            group.name = f"{proto.name}_{index}"
+        if group.kind == mc.ModelInstanceGroup.KIND_AUTO:
+            group.kind = (mc.ModelInstanceGroup.KIND_GPU if group.gpus
+                          else mc.ModelInstanceGroup.KIND_CPU)
+        group.count = max(group.count, 1)
+        if group.kind == mc.ModelInstanceGroup.KIND_GPU and not group.gpus:
+            group.gpus.append(0)
 
 
 def _complete_tensors(configured, declared: list[TensorSpec], skip: int) -> None:

@@ -27,7 +27,12 @@ from gateway.errors import (
 )
 from gateway.events import Events
 from gateway.loading import load_version
-from gateway.modelconfig import ModelConfig, read_config_file, version_policy
+from gateway.modelconfig import (
+    DEFAULT_MAX_BATCH_SIZE,
+    ModelConfig,
+    read_config_file,
+    version_policy,
+)
 from gateway.statistics import ModelStats
 
 log = logging.getLogger(__name__)
@@ -118,6 +123,8 @@ class Repository:
         self.events = Events()  # the core's event seam (gateway/events.py): one per server
         self.execution_timeout_s = 0.0  # server default; a model's parameter overrides it
         self.max_inflight_per_model = 2048  # the data plane's; bounds lower priorities' shares
+        # max_batch_size of a model without one whose tensors all have a dynamic first dim
+        self.default_max_batch_size = DEFAULT_MAX_BATCH_SIZE
         # async (model, loaded, action) -> (processes done, live processes): set by the server
         # so an operator's load or unload reaches every process of the fleet
         self.broadcast = None
@@ -247,7 +254,7 @@ class Repository:
             try:
                 loaded = await loop.run_in_executor(
                     None, load_version, model_file, name, number, proto, explicit_batch,
-                    self.cpu_threads)
+                    self.cpu_threads, self.default_max_batch_size)
             except ModelLoadError as exc:
                 log.error("model '%s' version %s failed to load: %s", name, key, exc)
                 reasons[key] = str(exc)

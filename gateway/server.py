@@ -52,6 +52,7 @@ class GatewayServer:
                                      settings.control_mode)
         self.repository.execution_timeout_s = settings.execution_timeout
         self.repository.max_inflight_per_model = settings.max_inflight_per_model
+        self.repository.default_max_batch_size = settings.default_max_batch_size
         self.router = Router(self.repository)
         store = open_store(settings.state_url, settings.state_directory())
         if isinstance(store, FileStore):

@@ -86,8 +86,8 @@ def test_sklearn_iris_pipeline(client, serving_repo):
     x_all, y_all = load_iris(return_X_y=True)
     x_all = x_all.astype(np.float32)
     labels = []
-    for start in range(0, len(x_all), 50):
-        x = x_all[start:start + 50]
+    for start in range(0, len(x_all), 4):  # auto-completed: Triton's max_batch_size, 4
+        x = x_all[start:start + 4]
         result = client.infer("iris", [infer_input("input", x)], client_timeout=TIMEOUT)
         label, proba = reference(model_file(serving_repo, "iris"), {"input": x})
         got_label = result.as_numpy("label")

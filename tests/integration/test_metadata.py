@@ -110,6 +110,13 @@ def test_model_config_autocompleted_without_config_file(client):
     assert outputs["label"].get("dims", []) == []  # one scalar per row
     assert outputs["probabilities"] == {"name": "probabilities", "data_type": "TYPE_FP32",
                                         "dims": ["3"]}
+    # What Triton's auto-complete and normalisation fill (L0_model_config compare_status).
+    assert config["backend"] == "onnxruntime"
+    assert config["default_model_filename"] == "model.onnx"
+    assert config["version_policy"] == {"latest": {"num_versions": 1}}
+    assert config["max_batch_size"] == 4  # Triton's default
+    assert config["dynamic_batching"]["preferred_batch_size"] == [4]
+    assert config["instance_group"] == [{"name": "iris", "count": 1, "kind": "KIND_CPU"}]
 
 
 def test_model_config_autocompleted_fixed_shape_model(client):

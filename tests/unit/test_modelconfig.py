@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
 
 from gateway.errors import ModelLoadError
 from gateway.modelconfig import (
@@ -233,14 +234,57 @@ def test_explicit_max_batch_size_is_detected(tmp_path, text, explicit):
 def test_no_config_is_completed_from_the_model_with_batching(tmp_path):
     config = load(tmp_path, None, BATCHED)
     assert config.platform == "onnxruntime_onnx" and config.proto.platform == "onnxruntime_onnx"
-    assert config.max_batch_size == 64
-    assert config.batching == BatchingConfig()  # dynamic batching on, with defaults
+    assert config.max_batch_size == 4  # Triton's default
+    # dynamic batching on, preferred_batch_size filled with max_batch_size as Triton does
+    assert config.batching == BatchingConfig(preferred_batch_sizes=(4,))
     assert config.inputs == (TensorSpec("input", "FP32", (4,)), TensorSpec("mask", "BOOL", (4,)))
     assert config.outputs == (TensorSpec("probs", "FP32", (3,)), TensorSpec("label", "INT64", ()))
     # The completed proto is what the ModelConfig RPC shows: Triton's types and dims.
     assert [(t.name, t.data_type, list(t.dims)) for t in config.proto.input] == [
         ("input", mc.TYPE_FP32, [4]), ("mask", mc.TYPE_BOOL, [4])]
     assert config.proto.HasField("dynamic_batching")
+
+
+def test_completed_config_fills_what_triton_fills(tmp_path):
+    """L0_model_config compare_status: backend, default_model_filename, version_policy,
+    instance_group (name, count, kind) and preferred_batch_size, as Triton's normalisation."""
+    proto = load(tmp_path, None, BATCHED).proto
+    expected = mc.ModelConfig()
+    text_format.Parse("""
+        name: "m" platform: "onnxruntime_onnx" backend: "onnxruntime"
+        version_policy { latest { num_versions: 1 } }
+        max_batch_size: 4
+        input { name: "input" data_type: TYPE_FP32 dims: 4 }
+        input { name: "mask" data_type: TYPE_BOOL dims: 4 }
+        output { name: "probs" data_type: TYPE_FP32 dims: 3 }
+        output { name: "label" data_type: TYPE_INT64 }
+        instance_group { name: "m" count: 1 kind: KIND_CPU }
+        dynamic_batching { preferred_batch_size: 4 }
+        default_model_filename: "model.onnx"
+    """, expected)
+    assert proto == expected
+
+
+def test_instance_groups_are_named_counted_and_resolved(tmp_path):
+    text = """
+        instance_group [ { kind: KIND_CPU count: 2 }, { name: "g" kind: KIND_AUTO },
+                         { kind: KIND_GPU } ]
+    """
+    groups = load(tmp_path, text, BATCHED).proto.instance_group
+    assert [(g.name, g.count, mc.ModelInstanceGroup.Kind.Name(g.kind), list(g.gpus))
+            for g in groups] == [("m_0", 2, "KIND_CPU", []), ("g", 1, "KIND_CPU", []),
+                                 ("m_2", 1, "KIND_GPU", [0])]
+
+
+@pytest.mark.parametrize("default, size, batching", [(8, 8, True), (1, 1, False), (0, 0, False)])
+def test_default_max_batch_size_is_a_setting(tmp_path, default, size, batching):
+    """--default-max-batch-size: dynamic batching only above 1, no batching at 0 (Triton's
+    default-max-batch-size backend setting)."""
+    proto, explicit = read_config_file(write(tmp_path, None), "m")
+    complete_config(proto, explicit, BATCHED, default_max_batch_size=default)
+    config = validate(proto, BATCHED)
+    assert config.max_batch_size == size
+    assert (config.batching is not None) is batching
 
 
 def test_bytes_tensors_complete_as_type_string(tmp_path):
@@ -282,7 +326,7 @@ def test_explicit_max_batch_size_zero_written_inline_is_honoured(tmp_path):
 
 def test_existing_dynamic_batching_is_kept_when_completing(tmp_path):
     config = load(tmp_path, "dynamic_batching { max_queue_delay_microseconds: 7 }", BATCHED)
-    assert config.max_batch_size == 64
+    assert config.max_batch_size == 4
     assert config.batching.max_queue_delay_us == 7
 
 
@@ -303,7 +347,7 @@ def test_partial_config_with_names_only_gets_datatypes_and_dims(tmp_path):
 
 def test_partial_config_without_max_batch_size_is_completed_with_batching(tmp_path):
     config = load(tmp_path, 'input [ { name: "input" }, { name: "mask" } ]', BATCHED)
-    assert config.max_batch_size == 64
+    assert config.max_batch_size == 4
     assert config.inputs[0] == TensorSpec("input", "FP32", (4,))
     assert len(config.outputs) == 2  # no outputs listed: all of them
 
@@ -522,3 +566,14 @@ def test_version_policy_is_read(tmp_path, text, policy):
 ])
 def test_version_policy_select(policy, available, selected):
     assert policy.select(available) == selected
+
+
+def test_default_max_batch_size_setting_and_its_environment_mirror(tmp_path):
+    from dataclasses import replace
+
+    from gateway.config import Settings, from_environment
+
+    assert Settings().default_max_batch_size == 4
+    assert from_environment({"GATEWAY_DEFAULT_MAX_BATCH_SIZE": "16"}).default_max_batch_size == 16
+    with pytest.raises(ValueError, match="default max batch size must not be negative"):
+        replace(Settings(model_repository=tmp_path), default_max_batch_size=-1).validated()
