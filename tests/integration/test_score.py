@@ -102,9 +102,10 @@ def test_parquet_rows_match_onnxruntime(engine, repo, served, mlp_rows, tmp_path
     pq.write_table(pa.table({"input": _vectors(mlp_rows)}), source, row_group_size=700)
     where = ["--model-repository", repo] if engine == "in-process" else ["--url", served.url]
     out = tmp_path / "scores.parquet"
-    stdout = scored(gateway("score", "tiny_mlp", source, "-o", out, "--chunk-rows", 1000,
-                            *where), 3000)
+    result = gateway("score", "tiny_mlp", source, "-o", out, "--chunk-rows", 1000, *where)
+    stdout = scored(result, 3000)
     assert "versions: 1 (3000 rows)" in stdout
+    assert result.stderr == ""  # no progress bar when not on a terminal, no warnings
     table = pq.read_table(out)
     assert table.column_names == ["row_id", "output", "model_version", "error"]
     assert table.schema.field("output").type == pa.list_(pa.float32(), 4)

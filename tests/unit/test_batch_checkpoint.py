@@ -117,3 +117,29 @@ def test_id_columns_read_with_different_types_are_written_as_text():
 def test_output_format_from_suffix():
     assert [output_format(p) for p in ("a.csv", "a.JSONL", "a.parquet", "a.out")] == [
         "csv", "jsonl", "parquet", "parquet"]
+
+
+class _Terminal:
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_bar_only_on_a_terminal():
+    from gateway.batch.progress import Progress
+
+    for tty in (True, False):
+        stream = _Terminal(tty)
+        bar = Progress(1000, stream=stream)
+        bar.advance(500)
+        bar.close()
+        assert ("500/1.00k" in stream.text and "rows/s" in stream.text) is tty, stream.text
+        assert bool(stream.text) is tty
