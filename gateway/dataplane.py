@@ -218,8 +218,10 @@ def prepare_inputs(config: ModelConfig,
 
 def as_text(name: str, data: np.ndarray) -> np.ndarray:
     """BYTES elements decoded to str, once: ONNX string tensors hold UTF-8 text. Other bytes
-    are the caller's error, caught here before the request can share a batch (and so its
-    failure) with other callers' requests."""
+    are refused here, before the request can share a batch (and so its failure) with other
+    callers' requests: ONNX Runtime's Python API cannot carry them (it str()s object elements,
+    so b"\xff" would reach the model as the text "b'\\xff'", and decodes numpy bytes_ arrays
+    as UTF-8), so Triton's round trip of arbitrary bytes through string tensors is not served."""
     flat = data.reshape(-1)
     out = np.empty(flat.shape[0], dtype=object)
     for i, value in enumerate(flat):
@@ -229,7 +231,8 @@ def as_text(name: str, data: np.ndarray) -> np.ndarray:
             except UnicodeDecodeError as exc:
                 raise InvalidArgument(
                     f"input '{name}': BYTES element {i} is not valid UTF-8 (at byte {exc.start}); "
-                    "ONNX string tensors hold text") from None
+                    "ONNX string tensors hold text, and ONNX Runtime passes them to the model "
+                    "as UTF-8 only") from None
         out[i] = value
     return out.reshape(data.shape)
 

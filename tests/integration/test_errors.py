@@ -240,7 +240,8 @@ def test_model_that_always_fails(client):
 def test_bytes_that_are_not_utf8(client):
     """ONNX string tensors hold UTF-8 text: other bytes are the caller's error."""
     x = np.array([[b"ok", b"\xff\xfe not utf-8"]], dtype=object)
-    with raises("INVALID_ARGUMENT", "input 'INPUT0'", "not valid UTF-8"):
+    with raises("INVALID_ARGUMENT", "input 'INPUT0'", "not valid UTF-8",
+                "ONNX Runtime passes them to the model as UTF-8 only"):
         client.infer("identity_bytes", [tensor("INPUT0", x, "BYTES")], client_timeout=TIMEOUT)
     ok = np.array([[b"fine"]], dtype=object)
     result = client.infer("identity_bytes", [tensor("INPUT0", ok, "BYTES")],

@@ -244,3 +244,30 @@ def test_an_unknown_output_is_refused_in_tritons_words():
                                   "outputs are y")
     with pytest.raises(InvalidArgument, match="output 'y' already exists in request"):
         requested_outputs(cfg, ["y", "y"])
+
+
+def test_onnxruntime_cannot_carry_bytes_that_are_not_utf8(tmp_path):
+    """Why non-UTF-8 BYTES are refused (Triton's L0_string_io round-trips any bytes): ONNX
+    Runtime's Python API str()s object elements and decodes bytes_ arrays as UTF-8. If a
+    release carries bytes unchanged, this fails: serve them instead of refusing."""
+    onnx = pytest.importorskip("onnx")
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from gateway.dataplane import as_text
+    from gateway.errors import InvalidArgument
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.STRING, [None])],
+                              [helper.make_tensor_value_info("y", TensorProto.STRING, [None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    raw = b"\xff\xfe"
+    (y,) = session.run(None, {"x": np.array([raw], dtype=object)})
+    assert y[0] != raw and y[0] != raw.decode("latin-1")  # the repr "b'\\xff\\xfe'", not bytes
+    with pytest.raises(UnicodeDecodeError):
+        session.run(None, {"x": np.array([raw], dtype=np.bytes_)})
+    with pytest.raises(InvalidArgument, match="not valid UTF-8 .* as UTF-8 only"):
+        as_text("x", np.array([raw], dtype=object))
