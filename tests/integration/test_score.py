@@ -277,8 +277,8 @@ def test_gateway_that_starts_late_and_sheds_load_is_retried(repo, tmp_path):
     out = tmp_path / "out.parquet"
     job = subprocess.Popen(
         [sys.executable, "-m", "gateway", "score", "busy", str(source), "-o", str(out),
-         "--url", f"127.0.0.1:{port}", "--batch-size", "2", "--concurrency", "16",
-         "--retries", "12"],
+         "--url", f"127.0.0.1:{port}", "--batch-size", "2", "--concurrency", "6",
+         "--retries", "20"],  # a generous budget: a loaded machine starts a gateway slowly
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1.0)  # the job starts against nothing: UNAVAILABLE, retried
