@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gateway.cache import ResponseCache
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -111,7 +112,8 @@ class Batcher:
                  batching: BatchingConfig | None, instances: list[Instance],
                  input_names: list[str], output_names: list[str], stats: ModelStats,
                  execution_timeout_s: float = 0.0, inline: bool = False,
-                 inline_budget_s: float = 0.0, max_inflight: int = 0):
+                 inline_budget_s: float = 0.0, max_inflight: int = 0,
+                 cache: ResponseCache | None = None):
         self.model = model
         self.version = version
         self.batching = max_batch_size > 0
@@ -151,6 +153,8 @@ class Batcher:
         # (gateway.loading.INLINE_BUDGET_SECONDS); no limit when inline was asked for explicitly.
         self.inline_budget_ns = int(inline_budget_s * 1e9) if inline_budget_s else 1 << 62
         self._stuck: set[str] = set()  # names of instances whose thread never came back
+        # The server's response cache, when this model's config enables it (gateway/cache.py).
+        self.cache = cache
         self._label = f"model '{model}' version {version}"
         # Called after each batch: (batcher, requests, feeds, size, start_ns, infer_ns, done_ns).
         # Monitoring hangs here; it must be cheap or hand off to another thread.
@@ -172,6 +176,34 @@ class Batcher:
         if len(self._stuck) == len(self.instances):
             raise Unavailable(f"{self._label}: every instance is stuck in a model call; "
                               "reload the model")
+        if self.cache is not None:
+            return self._submit_cached(inputs, size, key, priority, timeout_us, deadline_ns)
+        return self._enqueue(inputs, size, key, priority, timeout_us, deadline_ns)
+
+    def _submit_cached(self, inputs, size, key, priority, timeout_us, deadline_ns):
+        """A hit answers at once (no queue, no execution); a miss runs and, if it succeeds, is
+        kept. Statistics as Triton's: cache_hit (lookup time), cache_miss (lookup and insert)."""
+        start = now_ns()
+        cache_key = self.cache.key(self.model, self.version, inputs)
+        outputs = self.cache.get(cache_key)
+        if outputs is not None:
+            self.stats.cache_hit.add(now_ns() - start)
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(outputs)
+            return future
+        lookup_ns = now_ns() - start
+        future = self._enqueue(inputs, size, key, priority, timeout_us, deadline_ns)
+
+        def keep(done: asyncio.Future) -> None:
+            insert_start = now_ns()
+            if not done.cancelled() and done.exception() is None:
+                self.cache.put(cache_key, done.result())
+            self.stats.cache_miss.add(lookup_ns + now_ns() - insert_start)
+
+        future.add_done_callback(keep)
+        return future
+
+    def _enqueue(self, inputs, size, key, priority, timeout_us, deadline_ns) -> asyncio.Future:
         level_index = (priority or self.default_level or 1) - 1
         if not 0 <= level_index < len(self._levels):
             level_index = len(self._levels) - 1
@@ -205,7 +237,7 @@ class Batcher:
 
         It saves the hand-over to the worker task and back (two task switches per request)."""
         if (not self.inline or self._pending or self.delay_ns or self._closed
-                or self._stuck):
+                or self._stuck or self.cache is not None):
             return None
         loop = asyncio.get_running_loop()
         item = QueuedRequest(inputs, size, (), loop.create_future(), now_ns(), 0, True, 0)

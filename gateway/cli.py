@@ -47,6 +47,7 @@ def _serve(args) -> int:
         "max_message_bytes": args.max_message_bytes,
         "cpu_threads": args.cpu_threads,
         "default_max_batch_size": args.default_max_batch_size,
+        "cache_size": args.cache_size,
         "workers": args.workers,
         "log_level": args.log_level,
         "state_dir": args.state_dir,
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--default-max-batch-size", type=int, metavar="N",
                        help="max_batch_size of a model without one whose tensors all have a "
                             "dynamic first dim (Triton's default: 4; 0: no batching)")
+    serve.add_argument("--cache-size", type=int, metavar="BYTES",
+                       help="response cache for models whose config enables response_cache "
+                            "(LRU, bounded in bytes); default 0: none")
     serve.add_argument("--workers", type=int, metavar="N",
                        help="processes sharing the gRPC port (SO_REUSEPORT); default 1")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")

@@ -31,6 +31,7 @@ class Settings:
     # max_batch_size of a model without one whose tensors all have a dynamic first dim
     # (Triton's default, 4); 0 turns such auto-completed batching off
     default_max_batch_size: int = 4
+    cache_size: int = 0  # bytes of the response cache (models opt in); 0 = no cache
     log_level: str = "INFO"
     state_dir: Path | None = None  # operator state; default <repository>/.gateway
     state_url: str = ""  # "" or file://DIR: the file store; redis://HOST:PORT/DB: a fleet's
@@ -78,8 +79,8 @@ class Settings:
             raise ValueError(f"HTTP port {self.http_port} is not -1 (off) or 0-65535")
         if self.workers < 1 or self.cpu_threads < 1:
             raise ValueError("workers and CPU threads must be at least 1")
-        if self.default_max_batch_size < 0:
-            raise ValueError("default max batch size must not be negative")
+        if self.default_max_batch_size < 0 or self.cache_size < 0:
+            raise ValueError("default max batch size and cache size must not be negative")
         if self.max_inflight < 1 or self.max_inflight_per_model < 1:
             raise ValueError("max in-flight limits must be at least 1")
         if self.max_message_bytes < 1:

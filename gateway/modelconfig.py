@@ -86,6 +86,7 @@ class ModelConfig:
     input_index: dict[str, int]  # input name -> position in ``inputs``
     output_index: dict[str, int]
     proto: mc.ModelConfig  # the completed config, for the ModelConfig RPC only
+    response_cache: bool = False  # response_cache { enable: true }: repeats from the cache
 
 
 def read_config_file(model_dir: Path, name: str) -> tuple[mc.ModelConfig, bool]:
@@ -250,6 +251,7 @@ def validate(proto: mc.ModelConfig, io: ModelIO) -> ModelConfig:
         input_index={t.name: i for i, t in enumerate(inputs)},
         output_index={t.name: i for i, t in enumerate(outputs)},
         proto=proto,
+        response_cache=proto.response_cache.enable,
     )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.batching import Batcher
+from gateway.cache import ResponseCache
 from gateway.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -125,6 +126,7 @@ class Repository:
         self.max_inflight_per_model = 2048  # the data plane's; bounds lower priorities' shares
         # max_batch_size of a model without one whose tensors all have a dynamic first dim
         self.default_max_batch_size = DEFAULT_MAX_BATCH_SIZE
+        self.cache: ResponseCache | None = None  # --cache-size; models opt in by their config
         # async (model, loaded, action) -> (processes done, live processes): set by the server
         # so an operator's load or unload reaches every process of the fleet
         self.broadcast = None
@@ -276,7 +278,8 @@ class Repository:
                               [i.name for i in config.inputs], [o.name for o in config.outputs],
                               stats, execution_timeout(config, self.execution_timeout_s),
                               inline=loaded.inline, inline_budget_s=loaded.inline_budget_s,
-                              max_inflight=self.max_inflight_per_model)
+                              max_inflight=self.max_inflight_per_model,
+                              cache=self._cache_for(config))
             batcher.observer = self.events.batch
             batcher.start()
             new_serving[key] = ServingVersion(name, key, config, batcher, stats, signature)
@@ -293,6 +296,14 @@ class Repository:
         for old in retired:
             log.info("model '%s' version %s retiring", name, old.version)
         await asyncio.gather(*(old.batcher.close() for old in retired))
+
+    def _cache_for(self, config: ModelConfig) -> ResponseCache | None:
+        if not config.response_cache:
+            return None
+        if self.cache is None:
+            log.warning("model '%s' enables response_cache but the server has none "
+                        "(--cache-size BYTES); it is served without", config.name)
+        return self.cache
 
     def _load_failed(self, name: str, version: str, reason: str) -> None:
         self.events.emit("load_failed", name, version, reason)

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.auth import AuthInterceptor, TokenAuthenticator
+from gateway.cache import ResponseCache
 from gateway.config import Settings
 from gateway.control import ControlPlane, open_store
 from gateway.control.filestore import FileStore
@@ -53,6 +54,8 @@ class GatewayServer:
         self.repository.execution_timeout_s = settings.execution_timeout
         self.repository.max_inflight_per_model = settings.max_inflight_per_model
         self.repository.default_max_batch_size = settings.default_max_batch_size
+        if settings.cache_size:
+            self.repository.cache = ResponseCache(settings.cache_size)
         self.router = Router(self.repository)
         store = open_store(settings.state_url, settings.state_directory())
         if isinstance(store, FileStore):

@@ -41,6 +41,8 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchStats] = field(default_factory=dict)  # batch size -> durations
+    cache_hit: Duration = field(default_factory=Duration)  # response cache: lookup time
+    cache_miss: Duration = field(default_factory=Duration)  # lookup and insert time
 
     def record_batch(self, size: int, requests: int, input_ns: int, infer_ns: int,
                      output_ns: int) -> None:

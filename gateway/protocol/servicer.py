@@ -282,7 +282,8 @@ def _statistics(served) -> pb.ModelStatistics:
         inference_stats=pb.InferStatistics(
             success=_duration(s.success), fail=_duration(s.fail), queue=_duration(s.queue),
             compute_input=_duration(s.compute_input), compute_infer=_duration(s.compute_infer),
-            compute_output=_duration(s.compute_output)),
+            compute_output=_duration(s.compute_output), cache_hit=_duration(s.cache_hit),
+            cache_miss=_duration(s.cache_miss)),
         batch_stats=[pb.InferBatchStatistics(
             batch_size=size, compute_input=_duration(b.compute_input),
             compute_infer=_duration(b.compute_infer), compute_output=_duration(b.compute_output))

@@ -971,3 +971,32 @@ async def test_an_inline_batch_over_its_budget_moves_the_version_to_its_threads(
     y, _ = await result(h.submit(3.0))
     np.testing.assert_array_equal(y, x_of(4.0))
     assert ran_on[:2] == [loop_thread, loop_thread] and ran_on[2] != loop_thread
+
+
+# ---------------------------------------------------------------- response cache
+
+async def test_a_cached_response_answers_without_running_the_model(make):
+    from gateway.cache import ResponseCache
+
+    h = make(blocked=False, cache=ResponseCache(1 << 20))
+    first, _ = await result(h.submit(1.0))
+    again, _ = await result(h.submit(1.0))  # same input: from the cache
+    other, _ = await result(h.submit(2.0))
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(other, x_of(3.0))
+    assert h.runtime.batch_rows == [[1.0], [2.0]]
+    assert (h.stats.cache_hit.count, h.stats.cache_miss.count) == (1, 2)
+    assert h.stats.execution_count == 2  # hits are not executions
+    assert await h.batcher.run_now([x_of(3.0)], 1) is None  # cached models use the queue
+
+
+async def test_a_failed_request_is_not_cached(make):
+    from gateway.cache import ResponseCache
+
+    h = make(blocked=False, cache=ResponseCache(1 << 20))
+    h.runtime.plan = [ExecutionError("boom")]
+    with pytest.raises(ModelExecutionError):
+        await result(h.submit(1.0))
+    y, _ = await result(h.submit(1.0))
+    np.testing.assert_array_equal(y, x_of(2.0))
+    assert len(h.runtime.calls) == 2 and h.stats.cache_hit.count == 0

@@ -575,5 +575,5 @@ def test_default_max_batch_size_setting_and_its_environment_mirror(tmp_path):
 
     assert Settings().default_max_batch_size == 4
     assert from_environment({"GATEWAY_DEFAULT_MAX_BATCH_SIZE": "16"}).default_max_batch_size == 16
-    with pytest.raises(ValueError, match="default max batch size must not be negative"):
+    with pytest.raises(ValueError, match="default max batch size and cache size must not be negative"):
         replace(Settings(model_repository=tmp_path), default_max_batch_size=-1).validated()
