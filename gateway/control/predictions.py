@@ -151,10 +151,10 @@ class SqlitePredictions(SharedPredictions):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA synchronous=OFF")  # best effort: a host crash may lose the
+            # newest predictions (their labels then count as unknown), never corrupt the file
             db.execute("CREATE TABLE IF NOT EXISTS predictions (model TEXT, id TEXT, "
                        "version TEXT, value TEXT, expires REAL, PRIMARY KEY (model, id))")
-            db.execute("CREATE INDEX IF NOT EXISTS by_expiry ON predictions (expires)")
             db.execute("CREATE TABLE IF NOT EXISTS totals (model TEXT, version TEXT, "
                        "labelled INTEGER, correct INTEGER, abs_error REAL, "
                        "PRIMARY KEY (model, version))")
@@ -180,9 +180,11 @@ class SqlitePredictions(SharedPredictions):
                 self._puts += 1
                 if self._puts % 100 == 1:  # now and then: expired rows, then the row cap
                     db.execute("DELETE FROM predictions WHERE expires < ?", (now,))
-                    db.execute("DELETE FROM predictions WHERE rowid IN (SELECT rowid FROM "
-                               "predictions ORDER BY expires LIMIT max(0, (SELECT count(*) "
-                               "FROM predictions) - ?))", (self.max_rows,))
+                    excess = db.execute("SELECT count(*) FROM predictions").fetchone()[0] \
+                        - self.max_rows
+                    if excess > 0:  # rowids grow with every insert: the oldest go first
+                        db.execute("DELETE FROM predictions WHERE rowid IN (SELECT rowid FROM "
+                                   "predictions ORDER BY rowid LIMIT ?)", (excess,))
         await self._run(put)
 
     async def take(self, model, ids):

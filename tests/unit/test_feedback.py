@@ -337,3 +337,15 @@ async def test_predictions_wait_for_a_store_that_is_down(tmp_path):
     with pytest.raises(StoreUnavailable):
         await store.flush()
     assert len(store.outbox) == 1  # kept for the next flush
+
+
+async def test_the_sqlite_table_keeps_at_most_its_row_cap_oldest_out(tmp_path):
+    table = SqlitePredictions(tmp_path, max_rows=50)
+    for batch in range(3):
+        await table.put("m", [(f"{batch}-{i}", "1", [i]) for i in range(40)])
+    await table.put("m", [("last", "1", [0])])  # the 101st put... and a cleanup pass
+    table._puts = 100
+    await table.put("m", [("after", "1", [0])])
+    assert await table.count("m") == 50
+    assert await table.take("m", ["0-0", "2-39", "after"]) == {"2-39": ("1", [39]),
+                                                                "after": ("1", [0])}
