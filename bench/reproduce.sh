@@ -40,6 +40,9 @@ echo "== HTTP/REST against gRPC, same gateway"
 python -m bench.http_cost --model tiny_mlp --streams 1,64 --seconds 5 --rounds 5 \
     --json "$out/http_cost.json"
 
+echo "== feedback on the serving path"
+python -m bench.feedback_cost --streams 16 --seconds 4 --rounds 6
+
 echo "== monitoring cost"
 python -m bench.monitoring_cost --model tiny_mlp --streams 64 --seconds 8 --rounds 8 --pin
 

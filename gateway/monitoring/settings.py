@@ -134,7 +134,8 @@ def _unknown(where: str, data: dict, known: set[str], source: str) -> None:
 def parse(data, source: str = FILENAME) -> DriftSettings:
     """DriftSettings from a parsed gateway.yaml document; SettingsError on bad values."""
     data = _mapping(data, "the document")
-    _unknown("", data, {"drift", "feedback"}, source)  # feedback: read by gateway.feedback
+    # feedback: read by gateway.feedback; require_approval: by gateway.control.approvals
+    _unknown("", data, {"drift", "feedback", "require_approval"}, source)
     drift = _mapping(data.get("drift"), "drift")
     _unknown("drift", drift, {"enabled", "window", "min_samples", "threshold", "for",
                               "baseline_samples", "bins", "max_features", "max_rows_per_second",
