@@ -306,3 +306,31 @@ def test_rules_and_dashboard_queries_work_in_prometheus(stack):
                   "Mean batch size", "Queue depth and in-flight requests",
                   "Drift score (PSI) per input", "Window vs baseline bins (input $input_feature)"):
         assert title in with_data, title
+
+
+def test_one_scrape_of_a_workers_fleet_holds_every_workers_requests(tmp_path):
+    """`--workers 2`: Prometheus scrapes one endpoint and sees the requests of both workers
+    added up (before, each worker had its own port and the scrape config saw one)."""
+    models.make_version(tmp_path / "repo", "mlp", 1, models.build_mlp)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with start_gateway(tmp_path / "repo", "--grpc-port", str(port), "--workers", "2") as gw:
+        wait_for(lambda: gw.log().count("gateway ready") == 2, what="both workers")
+        prom = Prometheus(tmp_path, gw.metrics_port)
+        try:
+            wait_for(prom.ready, what="prometheus ready")
+            x = np.ones((1, 32), np.float32)
+            sent = 60
+            for _ in range(sent):  # a connection each: the kernel spreads them over both
+                with grpcclient.InferenceServerClient(gw.url) as client:
+                    inp = grpcclient.InferInput("input", [1, 32], "FP32")
+                    inp.set_data_from_numpy(x)
+                    client.infer("mlp", [inp])
+            expr = 'sum(gateway_requests_total{model="mlp",code="OK"})'
+            wait_for(lambda: prom.value(expr) == sent, timeout=30,
+                     what=f"{sent} requests in one scrape")
+            assert prom.value('gateway_workers{state="answering"}') == 2
+            assert len(prom.query('up{job="gateway"}')) == 1  # one target for the host
+        finally:
+            prom.stop()
