@@ -363,6 +363,13 @@ async def serve(settings: Settings) -> int:
     try:
         await server.start()
     except (RuntimeError, OSError, ValueError) as exc:  # the port is taken, a bad certificate...
+        from gateway.workers import listening_on
+
+        taken = "Failed to bind" in str(exc) and not settings.reuse_port and \
+            listening_on(settings.host, settings.grpc_port)
+        if taken:  # gRPC's own text names neither the cause nor the remedy
+            exc = f"the gRPC port {taken} is already in use by another process (choose " \
+                  "another with --grpc-port, or 0 for any free port)"
         log.error("cannot start: %s", exc)
         await server.stop()
         return 1

@@ -183,6 +183,19 @@ def test_serve_busy_metrics_port_names_the_port(repo):
     assert "Errno" not in line
 
 
+def test_serve_busy_grpc_port_names_the_port(repo):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = gateway("serve", "--model-repository", str(repo), "--host", "127.0.0.1",
+                         "--grpc-port", str(port), "--metrics-port", "-1", "--http-port", "-1")
+    assert result.returncode == 1, result.stderr
+    assert (f"cannot start: the gRPC port 127.0.0.1:{port} is already in use by another "
+            "process (choose another with --grpc-port") in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_empty_repository_is_ready_with_a_warning(tmp_path):
     with start_gateway(tmp_path) as gw:
         assert "WARNING" in gw.log() and "holds no model directories" in gw.log(), gw.log()
