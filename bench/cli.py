@@ -1,6 +1,7 @@
-"""Load-test a KServe V2 gRPC endpoint (this gateway, Triton, MLServer, ...) and compare it.
+"""Load-test a KServe V2 endpoint (this gateway, Triton, MLServer, ...) and compare it.
 
     python -m bench --url localhost:8001 --model tiny_mlp --concurrency 1,4,16,64
+    python -m bench --protocol http --url localhost:8000 --model tiny_mlp --concurrency 1,64
     python -m bench --model tiny_mlp --rate 500,1000 --arrivals poisson --json out.json
     python -m bench --model tiny_mlp --concurrency 1,16 --compare mlserver --compare floor \\
         --limit --model-file gateway/demo_repository/tiny_mlp/1/model.onnx --plot out.png
@@ -25,7 +26,7 @@ from bench import inputs as inputs_mod
 from bench import peers, plot, report, summary
 from bench.plan import LoadPoint, Plan, parse_list
 from bench.runner import run_step
-from bench.target import Target
+from bench.target import HttpTarget, Target
 from bench.workers import BenchError, ClientPool
 from gateway.tls import client_tls
 
@@ -37,8 +38,18 @@ def default_clients() -> int:
 def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="localhost:8001",
-                   help="gRPC address (default %(default)s), or 'gateway' to start one here")
+    p.add_argument("--url", default=None,
+                   help="address (default localhost:8001, with --protocol http localhost:8000), "
+                        "or 'gateway' to start one here")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
+                   help="KServe V2 over gRPC (default), or its REST API over HTTP/1.1 for every "
+                        "target")
+    p.add_argument("--http-data", choices=("binary", "json"), default="binary",
+                   help="--protocol http: request and response tensors as Triton's binary data "
+                        "(default, what tritonclient.http sends) or plain JSON")
+    p.add_argument("--http-client", choices=("h1", "aiohttp"), default="h1",
+                   help="--protocol http: the bench's own HTTP/1.1 client (default, least CPU "
+                        "per request) or aiohttp's ClientSession")
     p.add_argument("--model", required=True, help="model name")
     p.add_argument("--model-version", default="", help="ask for this version explicitly")
     p.add_argument("--label", help="name of the target in reports (default: its server name)")
@@ -133,7 +144,8 @@ def make_plan(args) -> Plan:
                 window_s=args.window, stability=args.stability / 100, max_windows=args.max_windows,
                 duration_s=args.duration, requests=args.requests, rounds=args.rounds,
                 clients=args.clients, timeout_s=args.timeout, max_inflight=args.max_inflight,
-                routing_keys=args.routing_key_count, seed=args.seed)
+                routing_keys=args.routing_key_count, seed=args.seed,
+                http_client=args.http_client)
 
 
 def make_inputs(args, target: Target) -> inputs_mod.Inputs:
@@ -169,31 +181,44 @@ def run(args) -> dict:
     if args.limit and args.model_file is None:
         raise SystemExit("--limit needs --model-file (the model's ONNX file)")
     tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)  # checked in main()
+    http = args.protocol == "http"
     with ExitStack() as stack:
 
-        def open_target(spec: str, label: str | None, taken: set[str]) -> Target:
+        def open_target(spec: str, label: str | None, taken: set[str]) -> Target | HttpTarget:
             name, url = stack.enter_context(peers.resolve(
                 spec, args.model_file, args.model, log, args.model_repository,
-                args.gateway_arg))
+                args.gateway_arg, args.protocol))
             remote = name is None  # a URL: the given credentials; a peer started here: none
-            if remote:
+            if remote and not http:
                 probe(url, tls)  # fail fast, and say why, rather than wait in silence
-            target = stack.enter_context(_closing(Target(
+            kind = HttpTarget if http else Target
+            target = stack.enter_context(_closing(kind(
                 url, "", args.model, args.model_version,
                 args.token if remote else None, tls if remote else None)))
+            if remote and http:
+                target.probe()
             target.wait_ready()
             target.label = _label(target, label or name, taken)
+            if http and args.http_data == "binary":
+                check_binary(target)
             return target
 
-        primary = open_target(args.url, args.label, set())
+        primary = open_target(args.url or ("localhost:8000" if http else "localhost:8001"),
+                              args.label, set())
         targets = [primary]
         data = make_inputs(args, primary)
         for spec in args.compare:
             targets.append(open_target(spec, None, {t.label for t in targets}))
         pool = stack.enter_context(_closing(ClientPool(plan.clients)))
-        # Every target gets the very same request bytes.
-        pool.send_pool("requests", inputs_mod.serialise(data, args.model, args.model_version))
-        log(f"{args.model}: {data.source}, shapes {data.shapes()}; {plan.rule}; "
+        # Every target gets the very same requests.
+        if http:
+            pool.send_pool("requests", inputs_mod.serialise_http(
+                data, args.model, args.model_version, binary=args.http_data == "binary"))
+            over = f"REST, {args.http_data} tensors, {args.http_client} client"
+        else:
+            pool.send_pool("requests", inputs_mod.serialise(data, args.model, args.model_version))
+            over = "gRPC"
+        log(f"{args.model}: {data.source}, shapes {data.shapes()}; {over}; {plan.rule}; "
             f"{plan.clients} client process(es)")
         steps = []
         _, max_windows = plan.windows()
@@ -226,6 +251,8 @@ def run(args) -> dict:
             "batch_size": data.batch_size, "inputs": {"source": data.source,
                                                        "shapes": data.shapes(),
                                                        "datatypes": data.datatypes},
+            "protocol": args.protocol,
+            "http": {"data": args.http_data, "client": args.http_client} if http else None,
             "plan": {"rule": plan.rule, "mode": plan.points[0].mode,
                      "points": [p.label for p in plan.points], "arrivals": plan.arrivals,
                      "warmup_s": plan.warmup_s, "window_s": plan.windows()[0],
@@ -233,8 +260,8 @@ def run(args) -> dict:
                      "duration_s": plan.duration_s, "requests": plan.requests,
                      "rounds": plan.rounds, "clients": plan.clients,
                      "routing_keys": plan.routing_keys, "timeout_s": plan.timeout_s},
-            "targets": [{"label": t.label, "url": t.url, "server": t.server_name()}
-                        for t in targets],
+            "targets": [{"label": t.label, "url": t.url, "protocol": t.protocol,
+                         "server": t.server_name()} for t in targets],
             "rows": rows,
             "ratios": summary.ratios(rows, primary.label, limit),
             "limit": limit,
@@ -243,6 +270,16 @@ def run(args) -> dict:
                             "grpcio": _grpc_version(), "platform": platform.platform(),
                             "time": _now()},
         }
+
+
+def check_binary(target: HttpTarget) -> None:
+    """RuntimeError when a server says it lacks the binary tensor data extension (MLServer)."""
+    extensions = target.extensions()
+    if extensions is not None and "binary_tensor_data" not in extensions:
+        raise RuntimeError(
+            f"{target.label} at {target.url} ({target.server_name() or 'no name'}) does not list "
+            "Triton's binary_tensor_data extension, so it cannot read binary tensors: use "
+            "--http-data json (plain JSON for every target)")
 
 
 def probe(url: str, tls, timeout: float = 5.0) -> None:

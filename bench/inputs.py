@@ -1,5 +1,7 @@
 """Requests for the load: tensors from the model's metadata (random or zero data of the right
-datatype and shape) or from a .npy/.npz file, serialised once into ModelInferRequest bytes.
+datatype and shape) or from a .npy/.npz file, serialised once into ModelInferRequest bytes (gRPC)
+or KServe V2 REST bodies (HTTP: Triton's binary tensor data, as tritonclient.http sends by
+default, or plain JSON).
 
 Serialising up front keeps the client loop to "send these bytes"; a small pool of distinct
 requests (not one) keeps a server from answering from a cache.
@@ -7,8 +9,10 @@ requests (not one) keeps a server from answering from a cache.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
@@ -165,4 +169,73 @@ def serialise(inputs: Inputs, model: str, version: str = "") -> list[bytes]:
                 name=n, datatype=inputs.datatypes[n], shape=tensors[n].shape) for n in names],
             raw_input_contents=[_raw(tensors[n], inputs.datatypes[n]) for n in names],
         ).SerializeToString())
+    return out
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """One REST inference request: its path, body and, for binary tensor data, the length of the
+    body's JSON part (the ``Inference-Header-Content-Length`` header; None for plain JSON)."""
+
+    path: str
+    body: bytes
+    json_length: int | None = None
+
+    @property
+    def content_type(self) -> str:
+        return "application/json" if self.json_length is None else "application/octet-stream"
+
+
+def infer_path(model: str, version: str = "") -> str:
+    """``/v2/models/{m}[/versions/{v}]/infer``, the names quoted as tritonclient.http does."""
+    name = quote(model, safe="")
+    if version:
+        return f"/v2/models/{name}/versions/{quote(version, safe='')}/infer"
+    return f"/v2/models/{name}/infer"
+
+
+def _json_data(array: np.ndarray, datatype: str) -> list:
+    """Flat row-major values for JSON ``data`` (BYTES as text, as tritonclient.http sends it)."""
+    if datatype == "BYTES":
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.ravel()]
+    return array.ravel().tolist()
+
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def serialise_http(inputs: Inputs, model: str, version: str = "",
+                   binary: bool = True) -> list[HttpRequest]:
+    """One REST request per pool entry.
+
+    ``binary`` (tritonclient.http's default): a JSON header whose inputs carry
+    ``binary_data_size``, then each input's raw bytes in order (BYTES as 4-byte length + data
+    per element), and ``binary_data_output`` so outputs come back as binary data too. Otherwise
+    plain JSON both ways (``data`` lists; what servers without the extension, MLServer, take).
+    """
+    path = infer_path(model, version)
+    out = []
+    for tensors in inputs.pool:
+        header: dict = {"inputs": []}
+        raw = []
+        for name, array in tensors.items():
+            datatype = inputs.datatypes[name]
+            entry = {"name": name, "shape": list(array.shape), "datatype": datatype}
+            if binary:
+                data = _raw(array, datatype)
+                entry["parameters"] = {"binary_data_size": len(data)}
+                raw.append(data)
+            else:
+                try:
+                    entry["data"] = _json_data(array, datatype)
+                except UnicodeDecodeError:
+                    raise InputError(f"input {name!r} holds bytes that are not UTF-8 text: JSON "
+                                     "cannot carry them; use binary data") from None
+            header["inputs"].append(entry)
+        if binary:
+            header["parameters"] = {"binary_data_output": True}
+            head = _dumps(header).encode()
+            out.append(HttpRequest(path, b"".join([head, *raw]), len(head)))
+        else:
+            out.append(HttpRequest(path, _dumps(header).encode()))
     return out

@@ -1,4 +1,5 @@
-"""A client process: replays pre-serialised ModelInfer requests over a generic unary call.
+"""A client process: replays pre-serialised ModelInfer requests over a generic unary call
+(``--protocol http``: REST requests, ``bench.loadgen_http``).
 
 Several of these run side by side (see ``bench.workers``) because a Python client spends about as
 much CPU per request as a Python server; each has its own event loop and HTTP/2 connection.
@@ -167,8 +168,8 @@ class Step:
         self.counter = order.offset  # open loop: position in the request pool and key list
         self.stopping = False
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def connect(self) -> bool:
+        """Open the connection and set ``self.call``; False (and an error sent) if it fails."""
         order = self.order
         if order.tls is not None:
             channel = grpc.aio.secure_channel(order.url, order.tls.credentials(),
@@ -180,9 +181,23 @@ class Step:
         except (asyncio.TimeoutError, grpc.aio.AioRpcError):  # noqa: UP041 - not one before 3.11
             self.conn.send(("error", f"cannot connect to {order.url}"))
             await channel.close()
-            return
+            return False
+        self.channel = channel
         self.call = channel.unary_unary(INFER_METHOD, request_serializer=None,
                                         response_deserializer=None)
+        return True
+
+    async def disconnect(self) -> None:
+        await self.channel.close()
+
+    def make_windows(self, *args) -> Windows:
+        return Windows(*args)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        order = self.order
+        if not await self.connect():
+            return
         self.go = loop.create_future()
         self.done = asyncio.Event()
         loop.add_reader(self.conn.fileno(), self._on_message)
@@ -193,8 +208,8 @@ class Step:
         window, last = order.window_s, None
         if order.duration_s:
             last = max(1, round(order.duration_s / window))
-        self.windows = Windows(t_start + order.warmup_s, window, self.conn.send, self.done,
-                               last, order.quota)
+        self.windows = self.make_windows(t_start + order.warmup_s, window, self.conn.send,
+                                         self.done, last, order.quota)
         cpu0, wall0 = time.process_time(), CLOCK()
         await asyncio.sleep(max(0.0, t_start - CLOCK()))
         ticker = loop.create_task(self._tick())
@@ -220,7 +235,7 @@ class Step:
             cancelled = len(late)
         loop.remove_reader(self.conn.fileno())
         os.set_blocking(self.conn.fileno(), True)
-        await channel.close()
+        await self.disconnect()
         if pacer is not None:
             pacer.join(1.0)
             sys.setswitchinterval(switch)
@@ -364,8 +379,12 @@ def main(conn) -> None:
             pools[msg[1]] = msg[2]
         elif msg[0] == "step":
             order = msg[1]
+            if order.protocol == "http":
+                from bench.loadgen_http import HttpStep as step
+            else:
+                step = Step
             try:
-                run(Step(conn, order, pools[order.requests_key], backlog).run())
+                run(step(conn, order, pools[order.requests_key], backlog).run())
             except Exception as exc:  # report it and stay alive for the next step
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
             finally:

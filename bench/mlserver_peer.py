@@ -5,8 +5,9 @@ MLServer pins versions that conflict with ours, so it runs from its own virtual 
 ``bench/mlserver_runtime.py`` (onnxruntime, one intra-op thread), the same file as the gateway.
 
     python -m bench.mlserver_peer --model-file gateway/demo_repository/tiny_mlp/1/model.onnx \\
-        --name tiny_mlp                      # serves until Ctrl-C, prints its gRPC address
+        --name tiny_mlp               # serves until Ctrl-C, prints its gRPC and REST addresses
     python -m bench --model tiny_mlp --compare mlserver --model-file ...   # all in one command
+    python -m bench --protocol http --http-data json ... --compare mlserver   # its REST port
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ def free_port() -> int:
 
 
 def write_settings(folder: Path, model_file: Path, name: str, grpc_port: int,
-                   max_batch_size: int, max_batch_time: float, parallel_workers: int) -> None:
+                   max_batch_size: int, max_batch_time: float, parallel_workers: int,
+                   http_port: int = 0) -> None:
     """settings.json (server) and model-settings.json (the model) in MLServer's layout."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "settings.json").write_text(json.dumps({
-        "debug": False, "host": "127.0.0.1", "grpc_port": grpc_port, "http_port": free_port(),
+        "debug": False, "host": "127.0.0.1", "grpc_port": grpc_port,
+        "http_port": http_port or free_port(),
         "metrics_port": free_port(), "parallel_workers": parallel_workers,
         "load_models_at_startup": True}))
     (folder / "model-settings.json").write_text(json.dumps({
@@ -63,13 +66,16 @@ def write_settings(folder: Path, model_file: Path, name: str, grpc_port: int,
 @contextmanager
 def serve(model_file, name: str, grpc_port: int = 0, max_batch_size: int = 64,
           max_batch_time: float = 0.001, parallel_workers: int = 0, threads: int = 1,
-          timeout: float = 180):
-    """Run MLServer on ``model_file`` until the block ends; yields its gRPC address."""
+          timeout: float = 180, http_port: int = 0):
+    """Run MLServer on ``model_file`` until the block ends; yields its addresses,
+    ``{"grpc": HOST:PORT, "http": HOST:PORT}`` (the same server, model and batching behind
+    both: MLServer's REST API is FastAPI under uvicorn, in the same process)."""
     exe = ensure_venv()
     grpc_port = grpc_port or free_port()
+    http_port = http_port or free_port()
     with tempfile.TemporaryDirectory(prefix="mlserver-peer-") as tmp:
         write_settings(Path(tmp), Path(model_file), name, grpc_port, max_batch_size,
-                       max_batch_time, parallel_workers)
+                       max_batch_time, parallel_workers, http_port)
         env = {**os.environ, "PYTHONPATH": str(HERE), "BENCH_ORT_THREADS": str(threads),
                "VIRTUAL_ENV": str(VENV)}
         env.pop("PYTHONHOME", None)
@@ -77,9 +83,32 @@ def serve(model_file, name: str, grpc_port: int = 0, max_batch_size: int = 64,
                            timeout=timeout, env=env, cwd=tmp)
         try:
             _wait_model(f"127.0.0.1:{port}", name, timeout)
-            yield f"127.0.0.1:{port}"
+            _wait_http(f"127.0.0.1:{http_port}", name, timeout)
+            yield {"grpc": f"127.0.0.1:{port}", "http": f"127.0.0.1:{http_port}"}
         finally:
             stop(proc)
+
+
+def _wait_http(url: str, name: str, timeout: float) -> None:
+    """MLServer's REST server (uvicorn) may start after its gRPC server."""
+    import http.client
+    import time
+    from urllib.parse import quote
+
+    host, _, port = url.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection(host, int(port), timeout=5)
+        try:
+            conn.request("GET", f"/v2/models/{quote(name, safe='')}/ready")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.2)
+    raise RuntimeError(f"MLServer's REST port {url} did not answer in {timeout:.0f} s")
 
 
 def _wait_model(url: str, name: str, timeout: float) -> None:
@@ -110,6 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model-file", type=Path, required=True)
     parser.add_argument("--name", required=True, help="model name to serve it under")
     parser.add_argument("--grpc-port", type=int, default=0, help="default: any free port")
+    parser.add_argument("--http-port", type=int, default=0,
+                        help="REST (KServe V2 HTTP) port; default: any free port")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-batch-time", type=float, default=0.001, help="seconds")
     parser.add_argument("--parallel-workers", type=int, default=0,
@@ -117,9 +148,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     args = parser.parse_args(argv)
     with serve(args.model_file, args.name, args.grpc_port, args.max_batch_size,
-               args.max_batch_time, args.parallel_workers, args.threads) as url:
+               args.max_batch_time, args.parallel_workers, args.threads,
+               http_port=args.http_port) as urls:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        print(f"mlserver ready: grpc {url}", flush=True)
+        print(f"mlserver ready: grpc {urls['grpc']} http {urls['http']}", flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     return 0
 

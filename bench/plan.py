@@ -48,6 +48,7 @@ class Plan:
     max_inflight: int = 10_000  # open loop, per client process: beyond it sends fall behind
     routing_keys: int = 0
     seed: int = 0
+    http_client: str = "h1"  # --protocol http: bench.httpclient.CLIENTS
 
     @property
     def rule(self) -> str:
@@ -89,6 +90,8 @@ class ClientOrder:
     token: str | None = None  # bearer token for a gateway with auth on
     tls: object = None  # gateway.tls.ClientTLS: connect over TLS (CA, client certificate)
     seed: int = 0
+    protocol: str = "grpc"  # or "http": KServe V2 REST (bench.loadgen_http)
+    http_client: str = "h1"  # HTTP: bench.httpclient.CLIENTS
     extra: dict = field(default_factory=dict)
 
 

@@ -37,7 +37,8 @@ def orders(plan: Plan, point: LoadPoint, target: Target, key: str,
             phase_s=i / point.rate if point.rate else 0.0,  # interleave constant arrivals
             warmup_s=plan.warmup_s, window_s=window, duration_s=plan.duration_s, quota=quota,
             timeout_s=plan.timeout_s, max_inflight=plan.max_inflight, routing_keys=keys,
-            offset=i * 7919, seed=plan.seed, token=target.token, tls=target.tls))
+            offset=i * 7919, seed=plan.seed, token=target.token, tls=target.tls,
+            protocol=target.protocol, http_client=plan.http_client))
     return out
 
 

@@ -1,9 +1,9 @@
 """The bench suite (``python -m bench``) run briefly against a real gateway.
 
 Checks what the report says, not how fast anything is: fields and their consistency, errors
-counted by gRPC status, versions counted from responses, the plot file. The one timing check is
-open-loop pacing: the suite must send at the rate it was asked for (it paces itself, so this
-holds whatever the machine's load).
+counted by gRPC status (by HTTP status over REST), versions counted from responses, the plot
+file. The one timing check is open-loop pacing: the suite must send at the rate it was asked for
+(it paces itself, so this holds whatever the machine's load).
 """
 
 from __future__ import annotations
@@ -134,6 +134,62 @@ def test_open_loop_paces_at_the_asked_rate(gateway, tmp_path):
     assert row["errors"] == {} and row["versions"] == {"1": row["requests"]}
     assert row["send_lag_ms"] is not None  # how late the client sent is reported apart
     assert doc["plan"]["routing_keys"] == 3
+
+
+def test_http_protocol_against_a_gateway_started_here(tmp_path):
+    """``--protocol http --url gateway``: REST against a gateway the suite starts (its HTTP
+    port) and the bare aiohttp floor, binary tensors (tritonclient.http's default) over the
+    bench's own HTTP/1.1 client, from two client processes."""
+    doc = run_json(tmp_path, "--protocol", "http", "--url", "gateway", "--model", "tiny_mlp",
+                   "--concurrency", "1,4", "--duration", "1", "--compare", "floor")
+    assert doc["protocol"] == "http" and doc["http"] == {"data": "binary", "client": "h1"}
+    assert [(t["label"], t["protocol"]) for t in doc["targets"]] == [("gateway", "http"),
+                                                                    ("floor", "http")]
+    assert doc["inputs"]["shapes"] == {"input": [1, 32]}  # metadata and config over REST
+    rows = {(r["target"], r["point"]): r for r in doc["rows"]}
+    assert set(rows) == {(t, p) for t in ("gateway", "floor") for p in ("c=1", "c=4")}
+    for (target, _), row in rows.items():
+        assert row["requests"] > 0 and row["errors"] == {}
+        assert row["versions"] == {"1": row["requests"]}  # read from every response's JSON
+        lat = row["latency_ms"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p99"] <= lat["max"]
+        if target == "gateway":  # statistics over REST (/v2/models/tiny_mlp/stats)
+            assert row["server"]["succeeded"] > 0 and row["server"]["failed"] == 0
+        else:
+            assert row["server"] is None
+    assert rows[("gateway", "c=4")]["client"]["processes"] == 2
+    assert {(r["point"], r["of"], r["over"]) for r in doc["ratios"]} == {
+        ("c=1", "gateway", "floor"), ("c=4", "gateway", "floor")}
+
+
+def test_http_json_open_loop_with_aiohttp(gateway, tmp_path):
+    """Plain JSON tensors through aiohttp's client, open loop, an explicit version and sticky
+    keys, against a running gateway's REST port."""
+    doc = run_json(tmp_path, "--protocol", "http", "--http-data", "json", "--http-client",
+                   "aiohttp", "--url", gateway.http_url, "--model", "tiny_mlp", "--rate", "40",
+                   "--duration", "1", "--model-version", "1", "--routing-key-count", "2")
+    assert doc["http"] == {"data": "json", "client": "aiohttp"}
+    (row,) = doc["rows"]
+    assert row["mode"] == "open" and row["errors"] == {} and row["requests"] > 0
+    assert row["versions"] == {"1": row["requests"]} and row["server"]["succeeded"] > 0
+
+
+def test_http_errors_counted_by_status(gateway, tmp_path):
+    data = tmp_path / "x.npz"
+    np.savez(data, input=np.random.default_rng(0).random((10, 32), dtype=np.float32))
+    doc = run_json(tmp_path, "--protocol", "http", "--url", gateway.http_url, "--model",
+                   "no_such_model", "--input-data", data, "--concurrency", "2",
+                   "--requests", "100")
+    (row,) = doc["rows"]
+    assert row["errors"] == {"HTTP_404": 100} and row["requests"] == 0
+
+
+def test_http_protocol_says_why_it_cannot_connect():
+    result = bench("--protocol", "http", "--url", "127.0.0.1:1", "--model", "m", "--plain",
+                   "--quiet")
+    assert result.returncode == 1
+    assert "cannot reach an HTTP server at 127.0.0.1:1" in result.stderr
+    assert "is the server running?" in result.stderr
 
 
 def test_no_metadata_and_no_data_is_a_clear_error(gateway):
