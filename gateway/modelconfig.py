@@ -222,6 +222,15 @@ def validate(proto: mc.ModelConfig, io: ModelIO) -> ModelConfig:
             "onnxruntime_onnx models")
     if proto.max_batch_size < 0:
         raise ModelLoadError("max_batch_size must not be negative")
+    if proto.HasField("sequence_batching"):
+        raise ModelLoadError("sequence_batching is not supported: this gateway serves stateless "
+                             "models (use dynamic_batching)")
+    ragged = [t.name for t in proto.input if t.allow_ragged_batch]
+    if ragged or proto.batch_input or proto.batch_output:
+        raise ModelLoadError(
+            "ragged batching is not supported (allow_ragged_batch"
+            + (f" on {', '.join(ragged)}" if ragged else "") + ", batch_input, batch_output): "
+            "ONNX models take dense tensors; remove it to batch requests of one shape")
     skip = 1 if proto.max_batch_size > 0 else 0
     model_inputs = {s.name: s for s in io.inputs}
     model_outputs = {s.name: s for s in io.outputs}

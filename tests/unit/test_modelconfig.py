@@ -577,3 +577,19 @@ def test_default_max_batch_size_setting_and_its_environment_mirror(tmp_path):
     assert from_environment({"GATEWAY_DEFAULT_MAX_BATCH_SIZE": "16"}).default_max_batch_size == 16
     with pytest.raises(ValueError, match="default max batch size and cache size must not be negative"):
         replace(Settings(model_repository=tmp_path), default_max_batch_size=-1).validated()
+
+
+RAGGED_INPUT = ('max_batch_size: 8\n'
+                'input [ { name: "input" allow_ragged_batch: true }, { name: "mask" } ]')
+BATCH_OUTPUT = ('max_batch_size: 8\nbatch_output [ { target_name: "probs" '
+                'kind: BATCH_SCATTER_WITH_INPUT_SHAPE source_input: "input" } ]')
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("max_batch_size: 8\nsequence_batching { }", "sequence_batching is not supported"),
+    (RAGGED_INPUT, ("ragged batching is not supported (allow_ragged_batch on input, "
+                    "batch_input, batch_output)")),
+    (BATCH_OUTPUT, "ragged batching is not supported"),
+])
+def test_stateful_and_ragged_batching_are_refused_with_the_reason(tmp_path, text, reason):
+    assert reason in load_error(tmp_path, text, BATCHED)
