@@ -43,6 +43,22 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def select_providers(device: str, device_id: int = 0) -> list:
+    """ONNX Runtime providers for one instance: the CPU, or CUDA on one GPU with the CPU for the
+    nodes CUDA has no kernel for. A GPU instance needs onnxruntime-gpu (``onnxruntime`` and
+    ``onnxruntime-gpu`` install the same module; a machine has one of the two)."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "gpu":
+        raise ModelLoadError(f"unknown device {device!r} (cpu or gpu)")
+    if not cuda_available():
+        raise ModelLoadError(
+            "instance_group asks for KIND_GPU but this onnxruntime has no CUDA provider "
+            "(install onnxruntime-gpu on a machine with a GPU)"
+        )
+    return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+
+
 class OrtRuntime:
     """One ONNX Runtime InferenceSession: one model instance on one device."""
 
@@ -58,23 +74,27 @@ class OrtRuntime:
         so.log_severity_level = 3
         # Idle worker threads must not spin: the event loop and other instances need the cores.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if options.device == "gpu":
-            if not cuda_available():
-                raise ModelLoadError(
-                    "instance_group asks for KIND_GPU but this onnxruntime has no CUDA provider "
-                    "(install onnxruntime-gpu on a machine with a GPU)"
-                )
-            providers = [("CUDAExecutionProvider", {"device_id": options.device_id}),
-                         "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
+        providers = select_providers(options.device, options.device_id)
         try:
             self._session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises several private exception types
-            raise ModelLoadError(f"onnxruntime could not load the model: {_short(exc)}") from exc
+            raise ModelLoadError(_load_failure(exc, options)) from exc
+        if options.device == "gpu" and "CUDAExecutionProvider" not in self._session.get_providers():
+            # ORT falls back to the CPU, with a log line only, when the CUDA provider cannot start
+            # (CUDA or cuDNN libraries missing, driver too old, no such device): a KIND_GPU
+            # instance must not quietly run on the CPU.
+            self._session = None
+            raise ModelLoadError(
+                f"instance_group asks for KIND_GPU but onnxruntime's CUDA provider did not start "
+                f"on GPU {options.device_id} (CUDA 13 / cuDNN 9 libraries not found, driver too "
+                "old or no such GPU); onnxruntime's log says why")
         self.io = self._read_io()
         self._string_inputs = [s.name for s in self.io.inputs if s.datatype == "BYTES"]
         self._binding = self._session.io_binding() if options.device == "gpu" else None
+        # Outputs stay on the GPU until copy_outputs_to_cpu; string tensors only exist in host
+        # memory, so those are bound to the CPU.
+        self._output_device = {s.name: "cpu" if s.datatype == "BYTES" else "cuda"
+                               for s in self.io.outputs}
 
     def _read_io(self) -> ModelIO:
         inputs, outputs, unsupported = [], [], {}
@@ -112,7 +132,8 @@ class OrtRuntime:
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         for name in output_names:
-            binding.bind_output(name, "cuda", self._device_id)
+            device = self._output_device.get(name, "cuda")
+            binding.bind_output(name, device, self._device_id if device == "cuda" else 0)
         self._session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
@@ -128,6 +149,20 @@ def _to_str(array: np.ndarray) -> np.ndarray:
     out = np.empty(len(flat), dtype=object)
     out[:] = flat
     return out.reshape(array.shape)
+
+
+# How the CUDA provider, cuBLAS, cuDNN and ORT's arena say that GPU memory ran out.
+_GPU_MEMORY = re.compile(r"Failed to allocate memory|out of memory|ALLOC_FAILED|"
+                         r"cudaErrorMemoryAllocation|CUDA failure 2:", re.IGNORECASE)
+
+
+def _load_failure(exc: Exception, options: RuntimeOptions) -> str:
+    """The reason a version failed to load, as RepositoryIndex shows it."""
+    text = _short(exc)
+    if options.device == "gpu" and _GPU_MEMORY.search(str(exc)):
+        return (f"not enough free memory on GPU {options.device_id} to load the model "
+                f"(onnxruntime: {text})")
+    return f"onnxruntime could not load the model: {text}"
 
 
 # The directories of an absolute path ("/srv/repo/m/1/" in "/srv/repo/m/1/model.onnx").
