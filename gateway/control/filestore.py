@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
@@ -40,6 +41,7 @@ from gateway.control.store import (
 LOCK_TIMEOUT_S = 10.0
 AUDIT_ROTATE_BYTES = 16 * 1024 * 1024  # audit.jsonl moves to audit.jsonl.1 past this
 RESYNC_EVERY = 10  # polls between unconditional re-reads
+IO_THREAD = ThreadPoolExecutor(1, thread_name_prefix="state-store")  # every file store's I/O
 
 
 class FileStore(Store):
@@ -53,10 +55,16 @@ class FileStore(Store):
         self.poll_interval = poll_interval
         self.clock = clock
 
+    async def _io(self, fn, *args):
+        """File I/O on the store's own thread: off the event loop, and off the default
+        executor, whose threads load models (glibc gives each thread that allocates its own
+        arena, and keeps freed memory in it: model loads spread over more threads hold more)."""
+        return await asyncio.get_running_loop().run_in_executor(IO_THREAD, fn, *args)
+
     # ---- reading --------------------------------------------------------------------------
 
     async def read(self) -> Snapshot:
-        return await asyncio.to_thread(self._read)
+        return await self._io(self._read)
 
     def _read(self) -> Snapshot:
         try:
@@ -84,7 +92,7 @@ class FileStore(Store):
     async def changes(self) -> AsyncIterator[None]:
         seen, polls = object(), 0
         while True:
-            signature = await asyncio.to_thread(self.signature)
+            signature = await self._io(self.signature)
             if signature != seen or polls % RESYNC_EVERY == 0:
                 seen = signature
                 yield None
@@ -97,7 +105,7 @@ class FileStore(Store):
     # ---- writing --------------------------------------------------------------------------
 
     async def commit(self, changes: list[Change], audit: list[dict]) -> int:
-        return await asyncio.to_thread(self._commit, changes, audit)
+        return await self._io(self._commit, changes, audit)
 
     def _commit(self, changes: list[Change], audit: list[dict]) -> int:
         try:
@@ -163,7 +171,7 @@ class FileStore(Store):
             os.fsync(f.fileno())
 
     async def history(self, model: str | None, limit: int) -> list[dict]:
-        return await asyncio.to_thread(self._history, model, limit)
+        return await self._io(self._history, model, limit)
 
     def _history(self, model: str | None, limit: int) -> list[dict]:
         try:
@@ -208,7 +216,7 @@ class FileStore(Store):
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
         try:
-            return await asyncio.to_thread(claim)
+            return await self._io(claim)
         except OSError as exc:
             raise StoreUnavailable(f"cannot write a claim in {self.dir}: "
                                    f"{exc.strerror or exc}") from None
@@ -227,7 +235,7 @@ class FileStore(Store):
             tmp.write_text(encode(record))
             os.replace(tmp, path)
         try:
-            await asyncio.to_thread(write)
+            await self._io(write)
         except OSError as exc:
             raise StoreUnavailable(f"cannot write replica records in {self.records_dir}: "
                                    f"{exc.strerror or exc}") from None
@@ -241,7 +249,7 @@ class FileStore(Store):
                 except (OSError, ValueError):
                     continue  # replaced or removed while listed
             return found
-        return await asyncio.to_thread(read)
+        return await self._io(read)
 
     async def clear_records(self, topic: str, replica: str | None = None) -> None:
         def clear():
@@ -250,4 +258,4 @@ class FileStore(Store):
                 (directory / f"{quote(replica, safe='')}.json").unlink(missing_ok=True)
             else:
                 shutil.rmtree(directory, ignore_errors=True)
-        await asyncio.to_thread(clear)
+        await self._io(clear)

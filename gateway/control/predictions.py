@@ -20,6 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from gateway.control.filestore import IO_THREAD
 from gateway.control.store import StoreUnavailable
 
 DEFAULT_TTL_S = 7 * 24 * 3600.0  # a label later than this finds nothing
@@ -163,7 +164,7 @@ class SqlitePredictions(SharedPredictions):
 
     async def _run(self, work):
         try:
-            return await asyncio.to_thread(work)
+            return await asyncio.get_running_loop().run_in_executor(IO_THREAD, work)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"the feedback database {self.path} failed: {exc}") from None
 

@@ -67,14 +67,19 @@ def test_memory_stays_flat_over_load_unload_cycles(tmp_path):
             client.unload_model("mlp")
             wait_for(lambda: not client.is_model_ready("mlp"), what="unload")
 
-        for _ in range(3):  # allocator arenas settle
+        # RSS after each cycle. Loads run on executor threads, and glibc keeps a few freed
+        # arenas: RSS steps up by a model's size two or three times, then stays. A leak grows
+        # by a model (~38 MB) every cycle, ~450 MB over the last 12 here. The lowest of three
+        # readings in a row is compared, so a copy still mapped for a moment does not count.
+        readings = []
+        for _ in range(18):
             cycle()
-        settled = rss_mb(gw.process.pid)
-        for _ in range(12):
-            cycle()
-        grown = rss_mb(gw.process.pid) - settled
-    # Each load maps a ~38 MB model; a leak would grow by that much per cycle (~450 MB here).
-    assert grown < 60, f"RSS grew {grown:.0f} MB over 12 load/unload cycles"
+            readings.append(rss_mb(gw.process.pid))
+    print(f"RSS after each cycle (MB): {[round(r) for r in readings]}")
+    grown = min(readings[-3:]) - min(readings[3:6])
+    assert grown < 100, f"RSS grew {grown:.0f} MB over the last 12 cycles: {readings}"
+    total = min(readings[-3:]) - readings[0]
+    assert total < 4 * 38, f"RSS grew {total:.0f} MB over 18 cycles: {readings}"
 
 
 def test_a_hung_model_call_takes_only_its_instance_out(tmp_path):
