@@ -322,6 +322,8 @@ def _raw(array: np.ndarray):
     """Little-endian bytes of a numeric array, without a copy when it is contiguous."""
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
+    if not array.size:  # a zero-size tensor (a 0 in its shape): memoryview cannot cast it
+        return b""
     return memoryview(np.ascontiguousarray(array)).cast("B")
 
 

@@ -124,3 +124,15 @@ def test_every_gateway_error_code_has_an_http_status():
     codes = {cls.code for cls in vars(errors).values()
              if isinstance(cls, type) and issubclass(cls, errors.GatewayError)}
     assert codes <= set(STATUS), codes - set(STATUS)
+
+
+def test_zero_size_outputs_encode_as_empty_binary_and_json():
+    response = InferResponse("m", "1", "", [Tensor("y", "FP32", np.zeros((0, 4), np.float32)),
+                                            Tensor("z", "INT64", np.zeros((2, 0), np.int64))])
+    payload, split = encode_infer(response, OutputPlan(True, {}))
+    header = json.loads(payload[:split])
+    assert [o["shape"] for o in header["outputs"]] == [[0, 4], [2, 0]]
+    assert [o["parameters"]["binary_data_size"] for o in header["outputs"]] == [0, 0]
+    assert payload[split:] == b""
+    payload, _ = encode_infer(response, OutputPlan())
+    assert [o["data"] for o in json.loads(payload)["outputs"]] == [[], []]
