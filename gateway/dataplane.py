@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from gateway.classification import classify
 from gateway.errors import GatewayError, InvalidArgument, ResourceExhausted, Unavailable, echo
 from gateway.modelconfig import ModelConfig, carry_variable_dims
 from gateway.repository import ServingVersion
@@ -87,6 +88,8 @@ class DataPlane:
                     keep(request.id, served, outputs, size)
             # Respond with the outputs asked for, named by the version that actually served.
             tensors = [response_tensor(config, i, outputs[i], size) for i in wanted]
+            if request.classification:  # Triton's extension: top-k classes as text
+                tensors = classified(config, tensors, request.classification)
             response = InferResponse(request.model, served.version, request.id, tensors)
             if encode is not None:
                 response = encode(response)
@@ -257,6 +260,14 @@ def requested_outputs(config: ModelConfig, names: list[str]) -> list[int]:
             raise InvalidArgument(f"output '{echo(name)}' already exists in request")
         wanted.append(index)
     return wanted
+
+
+def classified(config: ModelConfig, tensors: list[Tensor],
+               classes: dict[str, int]) -> list[Tensor]:
+    """The tensors, those asked for with ``classification`` as their top classes."""
+    batching = config.max_batch_size > 0
+    return [classify(t, classes[t.name], config.labels.get(t.name, ()), batching)
+            if t.name in classes else t for t in tensors]
 
 
 def response_tensor(config: ModelConfig, index: int, data: np.ndarray, size: int) -> Tensor:

@@ -8,6 +8,7 @@ size it may see once (warm-up), so the first real requests do not pay for alloca
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gateway.batching import Instance
+from gateway.classification import read_labels
 from gateway.errors import ModelLoadError
 from gateway.modelconfig import DEFAULT_MAX_BATCH_SIZE, ModelConfig, complete_config, validate
 from gateway.modelconfig_pb import model_config_pb2 as mc
@@ -60,6 +62,10 @@ def load_version(model_file: Path, model: str, version: int, proto: mc.ModelConf
             if index == 0:
                 complete_config(proto, explicit_batch, runtime.io, default_max_batch_size)
                 config = validate(proto, runtime.io)
+                labels = {t.name: read_labels(model_file.parent.parent, t.label_filename)
+                          for t in proto.output if t.label_filename}
+                if labels:  # for the classification extension
+                    config = dataclasses.replace(config, labels=labels)
                 for name, kind in config.unsupported_outputs.items():
                     log.warning("model '%s' version %s: output '%s' is a %s, not a tensor; it is "
                                 "left out of metadata and refused if requested", model, version,

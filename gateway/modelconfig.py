@@ -87,6 +87,8 @@ class ModelConfig:
     output_index: dict[str, int]
     proto: mc.ModelConfig  # the completed config, for the ModelConfig RPC only
     response_cache: bool = False  # response_cache { enable: true }: repeats from the cache
+    # output name -> class labels, one per line of the output's label_filename (classification)
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def read_config_file(model_dir: Path, name: str) -> tuple[mc.ModelConfig, bool]:

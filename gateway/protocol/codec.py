@@ -113,6 +113,7 @@ def decode_request(msg: pb.ModelInferRequest, routing_key: str | None = None,
         if "routing_key" in params and routing_key is None:
             routing_key = params["routing_key"].string_param or None
     outputs = []
+    classes: dict[str, int] = {}
     if msg.outputs:
         # Refused at the first repeat, before touching the rest: each output's parameters map
         # costs ~350 bytes once looked at (200,000 repeats of one name took 70 MB).
@@ -126,11 +127,21 @@ def decode_request(msg: pb.ModelInferRequest, routing_key: str | None = None,
                 raise InvalidArgument(f"the request asks for {len(msg.outputs)} outputs; the "
                                       f"limit is {MAX_TENSORS}")
             if out.parameters and "classification" in out.parameters:
-                raise InvalidArgument(
-                    f"output '{echo(name)}': the classification extension is not supported")
+                classes[name] = class_count(name, out.parameters["classification"].int64_param)
             outputs.append(name)
-    return InferRequest(msg.model_name, msg.model_version, msg.id, inputs, outputs, routing_key,
-                        priority, timeout_us, deadline_ns)
+    request = InferRequest(msg.model_name, msg.model_version, msg.id, inputs, outputs,
+                           routing_key, priority, timeout_us, deadline_ns)
+    if classes:
+        request.classification = classes
+    return request
+
+
+def class_count(name: str, count) -> int:
+    """The ``classification`` parameter of a requested output: how many top classes."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InvalidArgument(f"output '{echo(name)}': the classification parameter must be a "
+                              f"positive integer (the number of top classes), got {count!r}")
+    return count
 
 
 def _count_decoded(name: str, decoded: int, count: int) -> int:

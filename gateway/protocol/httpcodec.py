@@ -29,6 +29,7 @@ from gateway.protocol.codec import (
     _count_decoded,
     _from_raw,
     _split_bytes,
+    class_count,
 )
 from gateway.tensors import DATATYPE_TO_DTYPE, InferRequest, InferResponse, Tensor
 
@@ -170,14 +171,14 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
     if len(outputs_json) > MAX_TENSORS:
         raise InvalidArgument(f"the request asks for {len(outputs_json)} outputs; the limit is "
                               f"{MAX_TENSORS}")
+    classes: dict[str, int] = {}
     for item in outputs_json:
         name = item.get("name") if isinstance(item, dict) else None
         if not isinstance(name, str):
             raise InvalidArgument("each requested output must be an object with a 'name'")
         params = _object(item.get("parameters"), f"output '{echo(name)}' parameters")
         if "classification" in params:
-            raise InvalidArgument(
-                f"output '{echo(name)}': the classification extension is not supported")
+            classes[name] = class_count(name, params["classification"])
         if "shared_memory_region" in params:
             raise Unimplemented("system shared memory is not supported by this gateway")
         if "binary_data" in params:
@@ -189,8 +190,11 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
     request_id = doc.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidArgument("the request 'id' must be a string")
-    return InferRequest(model, version, request_id, inputs, outputs, routing_key, priority,
-                        timeout_us), plan
+    request = InferRequest(model, version, request_id, inputs, outputs, routing_key, priority,
+                           timeout_us)
+    if classes:
+        request.classification = classes
+    return request, plan
 
 
 def _tensor_header(item: dict):

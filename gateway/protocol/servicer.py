@@ -25,7 +25,8 @@ from gateway.repository import Repository
 from gateway.statistics import Duration
 
 log = logging.getLogger(__name__)
-EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy"]
+EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics",
+              "schedule_policy"]
 # Requests of one ModelStreamInfer stream read and not yet answered on the wire; the next
 # request is read only when one finishes (see ModelStreamInfer).
 STREAM_INFLIGHT = 64

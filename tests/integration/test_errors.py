@@ -154,11 +154,18 @@ def test_unknown_output(client):
                      client_timeout=TIMEOUT)
 
 
-def test_classification_extension_refused(client):
-    with raises("INVALID_ARGUMENT", "output 'output': the classification extension is not supported"):
-        client.infer("mlp", [mlp_in()],
-                     outputs=[grpcclient.InferRequestedOutput("output", class_count=2)],
-                     client_timeout=TIMEOUT)
+def test_classification_extension_answers_the_top_classes(client):
+    """Triton's extension: the top 2 of the 4 outputs, highest first, as "value:index"."""
+    x = mlp_in()
+    plain = client.infer("mlp", [x], client_timeout=TIMEOUT).as_numpy("output")
+    result = client.infer("mlp", [x],
+                          outputs=[grpcclient.InferRequestedOutput("output", class_count=2)],
+                          client_timeout=TIMEOUT).as_numpy("output")
+    top = np.argsort(-plain, axis=1, kind="stable")[:, :2]
+    assert result.shape == (plain.shape[0], 2)
+    for row in range(plain.shape[0]):
+        assert [v.decode() for v in result[row]] == [
+            f"{plain[row, i]:f}:{i}" for i in top[row]]
 
 
 def test_bad_request_parameters(client):

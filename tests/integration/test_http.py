@@ -368,8 +368,9 @@ BAD_BODIES = {  # id: (headers, body, fragment of the message)
     "unclaimed binary": binary_body(128, 130, "2 bytes of binary data that no input"),
     "bad header length": ({"Inference-Header-Content-Length": "999999"}, b"{}",
                           "is not a length within the 2-byte body"),
-    "classification": (*doc(outputs=[{"name": "output", "parameters": {"classification": 2}}]),
-                       "classification extension"),
+    "classification": (*doc(fp32([1, 32], data=[0] * 32),
+                            outputs=[{"name": "output", "parameters": {"classification": -1}}]),
+                       "the classification parameter must be a positive integer"),
     "priority": (*doc(parameters={"priority": "high"}),
                  "request parameter 'priority' must be an integer"),
     "json bomb": ({}, b'{"inputs": [' + b"[]," * 1_200_000 + b"[]]}",
@@ -709,3 +710,38 @@ def test_http_port_settings(tmp_path):
     assert f"HTTP port {port}" in result.stderr and "--http-port" in result.stderr
     with start_gateway(tmp_path, "--http-port", "-1") as gw:
         assert gw.http_port == -1 and " http -1" in gw.log()
+
+
+def test_classification_with_labels_over_both_protocols(tmp_path):
+    """A model whose output names a label_filename: tritonclient.http and .grpc both get the
+    top classes with their labels, and ServerMetadata names the extension."""
+    import tritonclient.grpc as grpcclient
+
+    models.make_version(tmp_path, "cls", 1, models.build_mlp, (4, 8, 3), seed=4)
+    models.write_config(tmp_path / "cls", """
+        max_batch_size: 8
+        input [ { name: "input" data_type: TYPE_FP32 dims: [ 4 ] } ]
+        output [ { name: "output" data_type: TYPE_FP32 dims: [ 3 ] label_filename: "labels.txt" } ]
+    """)
+    (tmp_path / "cls" / "labels.txt").write_text("setosa\nversicolor\nvirginica\n")
+    x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+    expected = reference(tmp_path / "cls" / "1" / "model.onnx", {"input": x})[0]
+    names = ("setosa", "versicolor", "virginica")
+    with start_gateway(tmp_path) as gw:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{gw.http_port}")
+        assert "classification" in client.get_server_metadata()["extensions"]
+        inp = httpclient.InferInput("input", [2, 4], "FP32")
+        inp.set_data_from_numpy(x)
+        got = client.infer("cls", [inp], outputs=[
+            httpclient.InferRequestedOutput("output", class_count=1)]).as_numpy("output")
+        with grpcclient.InferenceServerClient(gw.url) as grpc_client:
+            ginp = grpcclient.InferInput("input", [2, 4], "FP32")
+            ginp.set_data_from_numpy(x)
+            over_grpc = grpc_client.infer("cls", [ginp], outputs=[
+                grpcclient.InferRequestedOutput("output", class_count=1)]).as_numpy("output")
+    for row in range(2):
+        best = int(np.argmax(expected[row]))
+        value, index, label = got[row][0].decode().split(":")
+        assert (int(index), label) == (best, names[best])
+        assert float(value) == pytest.approx(float(expected[row][best]), abs=1e-5)
+    assert over_grpc.tolist() == got.tolist()

@@ -584,10 +584,14 @@ def test_inputs_and_requested_outputs_are_capped_in_number():
     assert len(decode_request(msg).outputs) == codec.MAX_TENSORS
 
 
-def test_classification_extension_is_refused():
+def test_classification_parameters_are_read_per_output():
     msg = request(("x", "INT32", [1], typed("INT32", [1])))
     msg.outputs.add(name="probs").parameters["classification"].int64_param = 3
-    assert refused(msg) == "output 'probs': the classification extension is not supported"
+    msg.outputs.add(name="other")
+    assert decode_request(msg).classification == {"probs": 3}
+    msg.outputs[0].parameters["classification"].int64_param = 0
+    assert refused(msg) == ("output 'probs': the classification parameter must be a positive "
+                            "integer (the number of top classes), got 0")
 
 
 # ---------------------------------------------------------------- request fields and parameters
