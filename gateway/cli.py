@@ -53,6 +53,7 @@ def _serve(args) -> int:
         "state_dir": args.state_dir,
         "state_url": args.state_url,
         "rollout_lease": args.rollout_lease,
+        "console_allow_changes": args.console_allow_changes or None,
         "auth_tokens": args.auth_tokens,
         "execution_timeout": args.execution_timeout,
         "max_inflight": args.max_inflight,
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="operator state store: file://DIR (default: the --state-dir file "
                             "store) or redis://HOST:PORT/DB, rediss:// for TLS, shared by a "
                             "fleet; password in the URL or GATEWAY_STATE_PASSWORD")
+    serve.add_argument("--console-allow-changes", action="store_true",
+                       help="without --auth-tokens the console (/ui/) is read-only; this lets "
+                            "a browser on this machine (localhost) change splits and rollouts")
     serve.add_argument("--rollout-lease", type=float, metavar="S",
                        help="seconds after which a silent rollout judge is replaced by another "
                             "replica (default 15)")

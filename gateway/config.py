@@ -36,6 +36,9 @@ class Settings:
     state_dir: Path | None = None  # operator state; default <repository>/.gateway
     state_url: str = ""  # "" or file://DIR: the file store; redis://HOST:PORT/DB: a fleet's
     rollout_lease: float = 15.0  # seconds a silent rollout judge keeps its lease
+    # without --auth-tokens the console is read-only, unless this allows changes from a
+    # browser on this machine
+    console_allow_changes: bool = False
     state_start_wait: float = 10.0  # seconds start retries reading the state before serving
     auth_tokens: Path | None = None  # "ROLE TOKEN [NAME]" lines; None = no authentication
     tls_cert: Path | None = None  # PEM certificate chain for the gRPC port

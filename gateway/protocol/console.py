@@ -52,7 +52,11 @@ HEADERS = {
 RATE_WINDOW_S = 30.0  # requests/s, error rate and percentiles cover about this long
 AUDIT_LIMIT = 10_000
 LOCAL_NOTICE = ("no authentication (--auth-tokens is not set): the console accepts changes only "
-                "from a browser on this machine (localhost); elsewhere it is read-only")
+                "from a browser on this machine (localhost, --console-allow-changes); "
+                "elsewhere it is read-only")
+READ_ONLY_NOTICE = ("no authentication (--auth-tokens is not set): the console is read-only; "
+                    "start the gateway with --auth-tokens, or with --console-allow-changes to "
+                    "change from a browser on this machine")
 
 
 class Console:
@@ -64,6 +68,7 @@ class Console:
         self.router = server.router
         self.repository = server.repository
         self.authenticator = server.authenticator
+        self.allow_local_changes = server.settings.console_allow_changes
         self.rates = Rates(server)
 
     def register(self, app: web.Application) -> None:
@@ -130,7 +135,12 @@ class Console:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         host, port = (peer[0], peer[1]) if peer else ("unknown", 0)
         who = f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
-        local = _is_local(request, host)
+        local = _is_local(request, host) and self.allow_local_changes
+        if change and not self.allow_local_changes:
+            raise PermissionDenied("the gateway runs without --auth-tokens, so the console is "
+                                   "read-only; start it with --auth-tokens, or with "
+                                   "--console-allow-changes to change from a browser on this "
+                                   "machine")
         if change and not local:
             raise PermissionDenied("the gateway runs without --auth-tokens, so the console "
                                    "accepts changes only from a browser on this machine "
@@ -146,7 +156,8 @@ class Console:
         return answer({"auth": self.authenticator is not None, "who": who, "role": role,
                        "can_operate": allows(role, "operate"),
                        "can_approve": allows(role, "admin"),
-                       "notice": "" if self.authenticator is not None else LOCAL_NOTICE})
+                       "notice": "" if self.authenticator is not None else
+                       LOCAL_NOTICE if self.allow_local_changes else READ_ONLY_NOTICE})
 
     async def overview(self, request, who, role) -> web.Response:
         self.rates.sample()

@@ -38,9 +38,9 @@ def gw(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def open_gw(tmp_path_factory):
-    """A gateway without --auth-tokens."""
+    """A gateway without --auth-tokens that lets this machine change things."""
     repo = build_repository(tmp_path_factory.mktemp("console_open") / "repo")
-    with start_gateway(repo) as gateway:
+    with start_gateway(repo, "--console-allow-changes") as gateway:
         yield gateway
 
 
@@ -285,6 +285,19 @@ def test_the_approval_gate_end_to_end(gw, tmp_path):
 
 
 # ---- without authentication --------------------------------------------------------------------
+
+def test_without_auth_and_without_the_flag_the_console_is_read_only(tmp_path):
+    repo = build_repository(tmp_path / "repo")
+    with start_gateway(repo) as gw:
+        status, session = api(gw, "GET", "session")
+        assert (status, session["role"], session["can_operate"]) == (200, "viewer", False)
+        assert "the console is read-only" in session["notice"]
+        assert api(gw, "POST", "models/split/split", body={"weights": {"1": 50, "2": 50}},
+                   headers={"Origin": f"http://{gw.http_url}"}) == (403, {"error": (
+                       "the gateway runs without --auth-tokens, so the console is read-only; "
+                       "start it with --auth-tokens, or with --console-allow-changes to change "
+                       "from a browser on this machine")})
+
 
 def test_without_auth_the_console_changes_only_from_this_machine(open_gw):
     status, session = api(open_gw, "GET", "session")
