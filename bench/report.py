@@ -106,12 +106,18 @@ def render(doc: dict, plain: bool = False, out=None) -> None:
     """Print the result table, ratios and limit of a run document (see ``bench.cli``)."""
     out = out or sys.stdout
     rows = doc["rows"]
-    title = (f"{doc['model']} batch {doc['batch_size']}, {doc['plan']['rule']}, "
+    http = doc.get("http")
+    over = (f" over REST ({http['data']} tensors, {http['client']} client)" if http else "")
+    title = (f"{doc['model']} batch {doc['batch_size']}{over}, {doc['plan']['rule']}, "
              f"{doc['plan']['clients']} client process(es)")
     cells = [row_cells(r) for r in rows]
     ratio_rows = [[r["point"], f"{r['of']} / {r['over']}", _num(r["throughput"], 3),
-                   _num(r["p50"], 3), _num(r["p99"], 3)]
+                   _num(r["p50"], 3), _num(r["p99"], 3), _spread(r.get("throughput_rounds"))]
                   for r in doc["ratios"] if r["over"] != "limit"]  # the limit gets a line
+    ratio_columns = ["load", "ratio", "throughput", "p50", "p99", "throughput by round"]
+    if not any(r[-1] for r in ratio_rows):
+        ratio_columns.pop()
+        ratio_rows = [r[:-1] for r in ratio_rows]
     notes = _notes(doc)
     if HAVE_RICH and not plain:
         from rich.console import Console
@@ -129,7 +135,7 @@ def render(doc: dict, plain: bool = False, out=None) -> None:
         console.print(table)
         if ratio_rows:
             ratios = Table(title="ratios, first / second", title_justify="left")
-            for name in ("load", "ratio", "throughput", "p50", "p99"):
+            for name in ratio_columns:
                 ratios.add_column(name, justify="left" if name in ("load", "ratio") else "right")
             for r in ratio_rows:
                 ratios.add_row(*r)
@@ -141,9 +147,19 @@ def render(doc: dict, plain: bool = False, out=None) -> None:
     _plain_table([list(COLUMNS), *cells], out)
     if ratio_rows:
         print("\nratios, first / second", file=out)
-        _plain_table([["load", "ratio", "throughput", "p50", "p99"], *ratio_rows], out)
+        _plain_table([ratio_columns, *ratio_rows], out)
     for note in notes:
         print(note, file=out)
+
+
+def _spread(values: list | None) -> str:
+    """Per-round ratios as 'median (min-max)'; empty for one round."""
+    values = sorted(v for v in values or () if v is not None)
+    if len(values) < 2:
+        return ""
+    mid = len(values) // 2
+    median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    return f"{median:.2f} ({values[0]:.2f}-{values[-1]:.2f})"
 
 
 def _plain_table(rows: list[list[str]], out) -> None:

@@ -35,8 +35,10 @@ def _ratio(a, b) -> float | None:
 
 
 def ratios(rows: list[dict], primary: str, limit: dict | None = None) -> list[dict]:
-    """For each load point: the primary target over each other target (throughput, p50, p99),
-    and every target's throughput as a share of the in-process limit."""
+    """For each load point: the primary target over each other target (throughput, p50, p99;
+    with several rounds, also the throughput ratio within each round, where both targets met
+    the same moment of the machine), and every target's throughput as a share of the in-process
+    limit."""
     by_point: dict[str, dict[str, dict]] = {}
     for row in rows:
         by_point.setdefault(row["point"], {})[row["target"]] = row
@@ -47,10 +49,14 @@ def ratios(rows: list[dict], primary: str, limit: dict | None = None) -> list[di
             if name == primary or base is None:
                 continue
             lat_a, lat_b = base["latency_ms"] or {}, other["latency_ms"] or {}
-            out.append({"point": point, "of": primary, "over": name,
-                        "throughput": _ratio(base["throughput_rps"], other["throughput_rps"]),
-                        "p50": _ratio(lat_a.get("p50"), lat_b.get("p50")),
-                        "p99": _ratio(lat_a.get("p99"), lat_b.get("p99"))})
+            entry = {"point": point, "of": primary, "over": name,
+                     "throughput": _ratio(base["throughput_rps"], other["throughput_rps"]),
+                     "p50": _ratio(lat_a.get("p50"), lat_b.get("p50")),
+                     "p99": _ratio(lat_a.get("p99"), lat_b.get("p99"))}
+            a, b = base.get("throughput_rounds") or [], other.get("throughput_rounds") or []
+            if len(a) > 1 and len(a) == len(b):  # the targets ran side by side in each round
+                entry["throughput_rounds"] = [_ratio(x, y) for x, y in zip(a, b)]
+            out.append(entry)
         if limit:
             for name, row in targets.items():
                 out.append({"point": point, "of": name, "over": "limit",

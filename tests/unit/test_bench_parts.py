@@ -186,3 +186,17 @@ def test_rounds_fold_into_the_median_round():
     assert row["throughput_rps"] == 20 and row["latency_ms"] == {"p99": 20}
     assert row["rounds"] == 3 and row["throughput_rounds"] == [30, 10, 20]
     assert row["errors_all_rounds"] == {"X": 3} and row["versions_all_rounds"] == {"1": 30}
+
+
+def test_ratios_by_round_pair_the_targets_of_each_round():
+    def row(target, rounds):
+        return {"target": target, "point": "c=1", "throughput_rps": sorted(rounds)[1],
+                "throughput_rounds": rounds, "latency_ms": None}
+
+    (ratio,) = summary.ratios([row("gw", [300, 100, 200]), row("ml", [100, 50, 200])], "gw")
+    assert ratio["throughput"] == 2.0  # the median rounds' ratio: 200 / 100
+    assert ratio["throughput_rounds"] == [3.0, 2.0, 1.0]  # round by round
+    from bench.report import _spread
+
+    assert _spread(ratio["throughput_rounds"]) == "2.00 (1.00-3.00)"
+    assert _spread([1.5]) == "" and _spread(None) == ""
