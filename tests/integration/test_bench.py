@@ -184,6 +184,39 @@ def test_http_errors_counted_by_status(gateway, tmp_path):
     assert row["errors"] == {"HTTP_404": 100} and row["requests"] == 0
 
 
+def test_http_with_a_token_over_mutual_tls(tmp_path):
+    """A gateway with auth and mutual TLS on its HTTP port: the bench's TLS flags and token
+    reach every REST call, from both HTTP clients."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                f"{name}.csr", "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("admin bench-token-0123456789 bench\n")
+    with start_gateway(None, "--auth-tokens", str(tokens), "--tls-cert",
+                       str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key"),
+                       "--tls-client-ca", str(tmp_path / "ca.pem")) as gw:
+        for client in ("h1", "aiohttp"):
+            doc = run_json(tmp_path, "--protocol", "http", "--http-client", client, "--url",
+                           gw.http_url, "--model", "tiny_mlp", "--concurrency", "2",
+                           "--duration", "0.5", "--token", "bench-token-0123456789", "--tls-ca",
+                           tmp_path / "ca.pem", "--tls-cert", tmp_path / "client.pem",
+                           "--tls-key", tmp_path / "client.key")
+            (row,) = doc["rows"]
+            assert row["errors"] == {} and row["requests"] > 0, client
+            assert row["server"]["succeeded"] > 0  # statistics over TLS with the token
+        result = bench("--protocol", "http", "--url", gw.http_url, "--model", "tiny_mlp",
+                       "--plain", "--quiet")  # plaintext at a TLS port: said, not waited on
+        assert result.returncode == 1 and "cannot reach an HTTP server" in result.stderr
+
+
 def test_http_protocol_says_why_it_cannot_connect():
     result = bench("--protocol", "http", "--url", "127.0.0.1:1", "--model", "m", "--plain",
                    "--quiet")
