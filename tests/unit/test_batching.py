@@ -941,10 +941,12 @@ async def test_an_inline_model_with_a_queue_delay_still_batches(make):
 
 # ---------------------------------------------------------------- the inline time budget
 
-async def test_an_inline_batch_over_its_budget_moves_the_version_to_its_threads(make, clock,
-                                                                                 caplog):
-    """A model judged inline whose cost turns out to depend on the data (a batch overran the
-    budget) runs on its instance thread from then on; the event loop serves everyone else."""
+async def test_inline_batches_that_keep_overrunning_move_the_version_to_its_threads(
+        make, clock, caplog):
+    """A model judged inline whose batches keep overrunning the budget (three within a
+    minute) runs on its instance thread from then on; one overrun (the process was paused:
+    wall time counts that too) is only logged."""
+    caplog.set_level("INFO", logger="gateway.batching")
     h = make(max_batch_size=8, blocked=False)
     h.batcher.inline = True
     h.batcher.inline_budget_ns = 10_000_000
@@ -960,17 +962,36 @@ async def test_an_inline_batch_over_its_budget_moves_the_version_to_its_threads(
         ran_on.append(threading.get_ident())
         return [feeds["x"] + 1, feeds["x"].sum(axis=1)]
 
-    h.runtime.plan = [cheap, costly, cheap]
-    for value in (1.0, 2.0):
+    h.runtime.plan = [cheap, costly, cheap, costly, costly, cheap]
+    for value in (1.0, 2.0, 3.0, 4.0):
         y, _ = await h.batcher.run_now([x_of(value)], 1)  # inline: at once, on the loop
         np.testing.assert_array_equal(y, x_of(value + 1))
+    assert h.batcher.inline  # one overrun, then one more: not yet
+    assert "(1 of 3 in a minute before it moves to its threads)" in caplog.text
+    y, _ = await h.batcher.run_now([x_of(5.0)], 1)
     assert not h.batcher.inline
     assert ("model 'm' version 1: a batch of 1 took 50.0 ms on the event loop, over its 10.0 ms "
-            "budget") in caplog.text
-    assert await h.batcher.run_now([x_of(3.0)], 1) is None  # no longer at once
-    y, _ = await result(h.submit(3.0))
-    np.testing.assert_array_equal(y, x_of(4.0))
-    assert ran_on[:2] == [loop_thread, loop_thread] and ran_on[2] != loop_thread
+            "budget (3 times within a minute)") in caplog.text
+    assert await h.batcher.run_now([x_of(6.0)], 1) is None  # no longer at once
+    y, _ = await result(h.submit(6.0))
+    np.testing.assert_array_equal(y, x_of(7.0))
+    assert ran_on[:5] == [loop_thread] * 5 and ran_on[5] != loop_thread
+
+
+async def test_overruns_far_apart_keep_the_version_inline(make, clock):
+    h = make(max_batch_size=8, blocked=False)
+    h.batcher.inline = True
+    h.batcher.inline_budget_ns = 10_000_000
+
+    def costly(feeds):
+        clock.advance_us(50_000)
+        return [feeds["x"] + 1, feeds["x"].sum(axis=1)]
+
+    h.runtime.plan = [costly] * 5
+    for value in range(5):
+        await h.batcher.run_now([x_of(float(value))], 1)
+        clock.advance_us(40_000_000)  # 40 s between overruns
+    assert h.batcher.inline
 
 
 # ---------------------------------------------------------------- response cache
