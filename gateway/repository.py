@@ -130,20 +130,29 @@ class Repository:
         # async (model, loaded, action) -> (processes done, live processes): set by the server
         # so an operator's load or unload reaches every process of the fleet
         self.broadcast = None
+        self.starting = False  # the server sets it while it loads its models at start
 
     # ---- reading (request path) ----------------------------------------------------------
 
     def get(self, name: str) -> ModelEntry:
         entry = self.models.get(name)
         if entry is None:
-            raise unknown_model(name)
+            raise self._unknown(name)
         return entry
+
+    def _unknown(self, name: str):
+        """NOT_FOUND, except while the server is still loading its models at start: then the
+        model may be on its way, and UNAVAILABLE tells clients to retry."""
+        if self.starting:
+            return Unavailable(f"model '{echo(name)}' is not loaded yet: the server is starting "
+                               "and still loading its models; retry")
+        return unknown_model(name)
 
     def version(self, name: str, version: str) -> ServingVersion:
         """The serving version asked for ("" = newest), or the right error."""
         entry = self.models.get(name)
         if entry is None:
-            raise unknown_model(name)
+            raise self._unknown(name)
         if not version:
             if entry.latest is None:
                 raise Unavailable(_why_unavailable(entry, name))

@@ -142,7 +142,11 @@ class GatewayServer:
         # The stored splits first: the first request after a model loads must already follow
         # them (a 5% canary must not take 100% while the state is read).
         await self.control.start(wait_s=s.state_start_wait)
-        await self._load_initial_models()
+        self.repository.starting = True  # unknown models are UNAVAILABLE until loads are done
+        try:
+            await self._load_initial_models()
+        finally:
+            self.repository.starting = False
         # Loads, unloads and publishes through any process reach every process from now on.
         self.control.models.adopt_current(self.control.snapshot)
         self.repository.broadcast = self.control.models.broadcast

@@ -271,3 +271,18 @@ def test_onnxruntime_cannot_carry_bytes_that_are_not_utf8(tmp_path):
         session.run(None, {"x": np.array([raw], dtype=np.bytes_)})
     with pytest.raises(InvalidArgument, match="not valid UTF-8 .* as UTF-8 only"):
         as_text("x", np.array([raw], dtype=object))
+
+
+def test_an_unknown_model_is_unavailable_while_the_server_loads_its_models(tmp_path):
+    """At start the port listens before the models load: a model asked for then may be on its
+    way, so clients are told to retry (UNAVAILABLE), not that it does not exist."""
+    from gateway.errors import NotFound, Unavailable
+    from gateway.repository import Repository
+
+    repository = Repository(tmp_path)
+    repository.starting = True
+    with pytest.raises(Unavailable, match="the server is starting and still loading"):
+        repository.version("m", "")
+    repository.starting = False
+    with pytest.raises(NotFound, match="Request for unknown model: 'm' is not found"):
+        repository.get("m")
