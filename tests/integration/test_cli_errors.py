@@ -280,6 +280,9 @@ def test_sighup_leaves_every_worker_serving(repo):
                                   capture_output=True, text=True).stdout.split()
         assert len(workers) == 2 and set(workers) <= set(children), (workers, children)
         gw.process.send_signal(signal.SIGHUP)  # the supervisor passes it on
+        wait_for(lambda: gw.log().count("SIGHUP ignored") >= 2, what="2 SIGHUP log lines")
+        # Then to each worker directly (one at a time: a signal still pending from the
+        # supervisor would merge with ours, standard signals do not queue).
         for pid in workers:
             os.kill(int(pid), signal.SIGHUP)
         wait_for(lambda: gw.log().count("SIGHUP ignored") >= 4, what="4 SIGHUP log lines")
