@@ -73,8 +73,9 @@ class InferRequest:
     priority: int = 0  # 0 = the model's default level
     timeout_us: int = 0  # 0 = the model's default queue timeout
     deadline_ns: int = 0  # absolute time.monotonic_ns() after which the caller has gone; 0 = none
-    # Triton's classification extension: output name -> top-k classes asked for it
-    classification: dict[str, int] = field(default_factory=dict)
+    # Triton's classification extension: output name -> top-k classes asked for it (None: none,
+    # so a request allocates nothing for it)
+    classification: dict[str, int] | None = None
 
 
 @dataclass(slots=True)

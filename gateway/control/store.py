@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -234,13 +233,6 @@ async def transact(store: Store, build: Callable[[Snapshot], Any]) -> tuple[Any,
                                    "change was applied; retry")
         await asyncio.sleep(random.uniform(0, backoff))
         backoff = min(backoff * 2, 0.05)
-
-
-def require_finite(**values: float) -> None:
-    """For values about to be stored: NaN and infinities are refused by name."""
-    for name, value in values.items():
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number")
 
 
 def open_store(url: str, default_dir: Path, password: str | None = None) -> Store:

@@ -171,13 +171,14 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
     if len(outputs_json) > MAX_TENSORS:
         raise InvalidArgument(f"the request asks for {len(outputs_json)} outputs; the limit is "
                               f"{MAX_TENSORS}")
-    classes: dict[str, int] = {}
+    classes = None  # allocated only for a request that uses the extension
     for item in outputs_json:
         name = item.get("name") if isinstance(item, dict) else None
         if not isinstance(name, str):
             raise InvalidArgument("each requested output must be an object with a 'name'")
         params = _object(item.get("parameters"), f"output '{echo(name)}' parameters")
         if "classification" in params:
+            classes = classes or {}
             classes[name] = class_count(name, params["classification"])
         if "shared_memory_region" in params:
             raise Unimplemented("system shared memory is not supported by this gateway")
@@ -190,11 +191,8 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
     request_id = doc.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidArgument("the request 'id' must be a string")
-    request = InferRequest(model, version, request_id, inputs, outputs, routing_key, priority,
-                           timeout_us)
-    if classes:
-        request.classification = classes
-    return request, plan
+    return InferRequest(model, version, request_id, inputs, outputs, routing_key, priority,
+                        timeout_us, classification=classes), plan
 
 
 def _tensor_header(item: dict):

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -286,4 +287,23 @@ def replace_atomically(directory: Path, build) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     build(staging / "model.onnx")
     staging.rename(directory)
+    return directory
+
+
+# ---- TLS ---------------------------------------------------------------------------------------
+
+def make_pki(directory: Path) -> Path:
+    """A CA (ca.pem/ca.key) and, signed by it for 127.0.0.1 and localhost, a server and a client
+    certificate (server.pem/.key, client.pem/.key), made with openssl in ``directory``."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                f"{name}.csr", "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext")
     return directory

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from support import ROOT, start_gateway
+from support import ROOT, make_pki, start_gateway
 
 DEMO_MLP = ROOT / "gateway" / "demo_repository" / "tiny_mlp" / "1" / "model.onnx"
 FAST = ("--warmup", "0.3", "--window", "0.5", "--clients", "2", "--plain")
@@ -187,17 +187,7 @@ def test_http_errors_counted_by_status(gateway, tmp_path):
 def test_http_with_a_token_over_mutual_tls(tmp_path):
     """A gateway with auth and mutual TLS on its HTTP port: the bench's TLS flags and token
     reach every REST call, from both HTTP clients."""
-    def openssl(*args):
-        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-            "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
-    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-                f"{name}.csr", "-subj", f"/CN={name}")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext")
+    make_pki(tmp_path)
     tokens = tmp_path / "tokens"
     tokens.write_text("admin bench-token-0123456789 bench\n")
     with start_gateway(None, "--auth-tokens", str(tokens), "--tls-cert",
