@@ -56,6 +56,9 @@ class GatewayServer:
         self.repository.default_max_batch_size = settings.default_max_batch_size
         if settings.cache_size:
             self.repository.cache = ResponseCache(settings.cache_size)
+        # From the moment the port listens until the first loads are done, a model the
+        # repository does not know yet is UNAVAILABLE (retry), not NOT_FOUND.
+        self.repository.starting = True
         self.router = Router(self.repository)
         store = open_store(settings.state_url, settings.state_directory())
         if isinstance(store, FileStore):
@@ -142,7 +145,6 @@ class GatewayServer:
         # The stored splits first: the first request after a model loads must already follow
         # them (a 5% canary must not take 100% while the state is read).
         await self.control.start(wait_s=s.state_start_wait)
-        self.repository.starting = True  # unknown models are UNAVAILABLE until loads are done
         try:
             await self._load_initial_models()
         finally:
