@@ -51,16 +51,29 @@ class DataPlane:
         a protocol's encoding fails inside the accounting, so a response refused there (too
         large to send) is counted as the error the caller gets, not as OK."""
         start = now_ns()
-        served = None
-        counted = None
         self.inflight += 1
         try:
+            # Admit: not while draining, and not beyond the server's bound.
             if not self.accepting:
                 self.refused += 1
-                raise Unavailable("the server is shutting down; retry on another replica")
-            if self.inflight > self.max_inflight:
-                raise ResourceExhausted(
+                refusal = Unavailable("the server is shutting down; retry on another replica")
+            elif self.inflight > self.max_inflight:
+                refusal = ResourceExhausted(
                     f"the server has {self.max_inflight} requests in flight; retry later")
+            else:
+                return await self._serve(request, start, encode)
+            self._finished(request, None, refusal.code, start)
+            raise refusal
+        finally:
+            self.inflight -= 1
+            if not self.inflight and not self.accepting:
+                self._idle.set()
+
+    async def _serve(self, request: InferRequest, start: int, encode=None):
+        """One admitted request to one model (also each step of an ensemble), accounted."""
+        served = None
+        counted = None
+        try:
             # Route: an explicit version as asked, otherwise the model's traffic policy.
             served = self.router.route(request.model, request.version, request.routing_key)
             model_inflight = self._per_model.get(served.model, 0)
@@ -76,12 +89,19 @@ class DataPlane:
             wanted = requested_outputs(config, request.outputs)
             if self.router.policies and not request.version:
                 self._maybe_mirror(request, served)
-            # Batch and execute: the batcher queues, merges and runs on a free instance (a small
-            # model with nothing queued runs at once).
-            outputs = await served.batcher.run_now(arrays, size)
-            if outputs is None:
-                outputs = await served.batcher.submit(arrays, size, shape_key, request.priority,
-                                                      request.timeout_us, request.deadline_ns)
+            if config.ensemble is None:
+                # Batch and execute: the batcher queues, merges and runs on a free instance (a
+                # small model with nothing queued runs at once).
+                outputs = await served.batcher.run_now(arrays, size)
+                if outputs is None:
+                    outputs = await served.batcher.submit(arrays, size, shape_key,
+                                                          request.priority, request.timeout_us,
+                                                          request.deadline_ns)
+            else:
+                # An ensemble: each step is a request to its model through this same path.
+                tensors = [Tensor(spec.name, spec.datatype, array)
+                           for spec, array in zip(config.inputs, arrays)]
+                outputs = await served.batcher.run(tensors, size, self._step, request)
             if request.id and self.feedback:  # keep the prediction for a later label
                 keep = self.feedback.get(served.model)
                 if keep is not None:
@@ -106,13 +126,19 @@ class DataPlane:
             self._finished(request, served, "INTERNAL", start)
             raise
         finally:
-            self.inflight -= 1
             if counted is not None:
                 self._per_model[counted] -= 1
-            if not self.inflight and not self.accepting:
-                self._idle.set()
         self._finished(request, served, "OK", start)
         return response
+
+    def _step(self, step, tensors: list[Tensor], outer: InferRequest):
+        """One step of an ensemble as a request of its own to the step's model: routed (the
+        caller's routing key keeps a sticky caller on one composing version), with the
+        caller's priority and deadline."""
+        request = InferRequest(step.model, step.version, "", tensors,
+                               [name for name, _ in step.outputs], outer.routing_key,
+                               outer.priority, outer.timeout_us, outer.deadline_ns)
+        return self._serve(request, now_ns())
 
     def _finished(self, request: InferRequest, served: ServingVersion | None, code: str,
                   start_ns: int) -> None:
@@ -142,8 +168,14 @@ class DataPlane:
         start = now_ns()
         ok = False
         try:
-            arrays, size, key = prepare_inputs(shadow.config, request.inputs)
-            await shadow.batcher.submit(arrays, size, key)
+            config = shadow.config
+            arrays, size, key = prepare_inputs(config, request.inputs)
+            if config.ensemble is None:
+                await shadow.batcher.submit(arrays, size, key)
+            else:
+                tensors = [Tensor(spec.name, spec.datatype, array)
+                           for spec, array in zip(config.inputs, arrays)]
+                await shadow.batcher.run(tensors, size, self._step, request)
             shadow.stats.success.add(now_ns() - start)
             ok = True
         except GatewayError:

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf import text_format
 
@@ -19,6 +20,9 @@ from gateway.errors import ModelLoadError
 from gateway.modelconfig_pb import model_config_pb2 as mc
 from gateway.tensors import DATATYPES, TensorSpec
 from runtimes.base import ModelIO
+
+if TYPE_CHECKING:
+    from gateway.ensemble import EnsemblePlan
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,8 @@ class ModelConfig:
     response_cache: bool = False  # response_cache { enable: true }: repeats from the cache
     # output name -> class labels, one per line of the output's label_filename (classification)
     labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # platform "ensemble": the steps (gateway/ensemble.py); None for a model file
+    ensemble: EnsemblePlan | None = None
 
 
 def read_config_file(model_dir: Path, name: str) -> tuple[mc.ModelConfig, bool]:
@@ -141,7 +147,7 @@ def _names_max_batch_size(text: str) -> bool:
     return False
 
 
-def _datatype_name(enum_value: int) -> str:
+def datatype_name(enum_value: int) -> str:
     return mc.DataType.Name(enum_value).removeprefix("TYPE_").replace("STRING", "BYTES")
 
 
@@ -270,7 +276,7 @@ def _check_tensor(t, declared: dict[str, TensorSpec], kind: str, skip: int) -> T
     spec = declared.get(t.name)
     if spec is None:
         raise ModelLoadError(f"config.pbtxt {kind} '{t.name}' is not an {kind} of the model file")
-    datatype = _datatype_name(t.data_type)
+    datatype = datatype_name(t.data_type)
     if datatype not in DATATYPES:
         raise ModelLoadError(f"{kind} '{t.name}' has unsupported data_type {datatype}")
     if datatype != spec.datatype:

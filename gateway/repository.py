@@ -18,6 +18,7 @@ from pathlib import Path
 
 from gateway.batching import Batcher
 from gateway.cache import ResponseCache
+from gateway.ensemble import EnsembleScheduler, check_composing, ensemble_config, is_ensemble
 from gateway.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -131,6 +132,9 @@ class Repository:
         # so an operator's load or unload reaches every process of the fleet
         self.broadcast = None
         self.starting = False  # the server sets it while it loads its models at start
+        # Names of the models served as ensembles: a caller's routing key matters to them
+        # when any step's model has a split (the protocols read the key only when it may).
+        self.ensembles: set[str] = set()
 
     # ---- reading (request path) ----------------------------------------------------------
 
@@ -165,6 +169,14 @@ class Repository:
                               f"{entry.reasons[version]}")
         raise unknown_version(name, version)
 
+    def ready(self, name: str, version: str) -> ServingVersion:
+        """The version if it can serve now, else the error that says why (ModelReady): as
+        ``version``, and an ensemble is not ready while a composing model it needs is not."""
+        served = self.version(name, version)
+        if served.config.ensemble is not None and served.batcher.broken:
+            raise Unavailable(f"in ensemble '{name}', {served.batcher.broken}")
+        return served
+
     # ---- disk -----------------------------------------------------------------------------
 
     def model_dir(self, name: str) -> Path:
@@ -198,6 +210,10 @@ class Repository:
         proto, explicit_batch = read_config_file(model_dir, name)
         filename = proto.default_model_filename or "model.onnx"
         cfg_sig = file_signature(model_dir / "config.pbtxt")
+        if is_ensemble(proto):  # no model file: its version directories (Triton's are empty)
+            numbers = [int(c.name) for c in model_dir.iterdir()
+                       if c.is_dir() and c.name.isdigit() and int(c.name) > 0]
+            return proto, explicit_batch, {n: (None, (cfg_sig,)) for n in numbers or [1]}
         versions = {}
         for child in model_dir.iterdir():
             if child.is_dir() and child.name.isdigit() and int(child.name) > 0:
@@ -241,6 +257,7 @@ class Repository:
             proto, explicit_batch, on_disk = await loop.run_in_executor(
                 None, self._disk_state, name)
             wanted = version_policy(proto).select(list(on_disk))
+            ensemble = await self._prepare_ensemble(proto) if is_ensemble(proto) else None
         except (ModelLoadError, NotFound) as exc:
             reason = exc.args[0] if isinstance(exc, ModelLoadError) else exc.message
             log.error("model '%s' cannot load: %s", name, reason)
@@ -261,6 +278,15 @@ class Repository:
             current = entry.serving.get(key)
             if current is not None and current.signature == signature:
                 new_serving[key] = current
+                continue
+            if ensemble is not None:
+                stats = ModelStats()
+                new_serving[key] = ServingVersion(name, key, ensemble,
+                                                  EnsembleScheduler(name, key, ensemble, stats),
+                                                  stats, signature)
+                log.info("ensemble '%s' version %s ready (%d steps: %s)", name, key,
+                         len(ensemble.ensemble.steps),
+                         ", ".join(s.model for s in ensemble.ensemble.steps))
                 continue
             try:
                 loaded = await loop.run_in_executor(
@@ -306,6 +332,77 @@ class Repository:
             log.info("model '%s' version %s retiring", name, old.version)
         await asyncio.gather(*(old.batcher.close() for old in retired))
 
+    async def _prepare_ensemble(self, proto) -> ModelConfig:
+        """An ensemble's config, checked against its composing models, which load first (as
+        in Triton, loading an ensemble loads the models it needs)."""
+        config = ensemble_config(proto)
+        await asyncio.get_running_loop().run_in_executor(
+            None, self._refuse_cycles, config.name, config.ensemble.models)
+        for model in sorted(config.ensemble.models):
+            entry = self.models.get(model)
+            if ((entry is None or not entry.serving) and valid_model_name(model)
+                    and (self.root / model).is_dir()):
+                await self.load(model)
+        check_composing(config, self._composing(config))
+        return config
+
+    def _composing(self, config: ModelConfig) -> dict[int, list[ModelConfig]]:
+        """For each step of an ensemble, the configs of the versions that may serve it now."""
+        configs = {}
+        for step in config.ensemble.steps:
+            entry = self.models.get(step.model)
+            serving = entry.serving if entry is not None else {}
+            if step.version:
+                configs[step.index] = ([serving[step.version].config]
+                                       if step.version in serving else [])
+            else:
+                configs[step.index] = [v.config for v in serving.values()]
+        return configs
+
+    def _refuse_cycles(self, name: str, models) -> None:
+        """Refuse an ensemble that reaches itself through other ensembles (read from disk:
+        blocking). Loading one would wait on its own lock."""
+        stack = [(model, (name, model)) for model in sorted(models)]
+        seen = set()
+        while stack:
+            model, path = stack.pop()
+            if model == name:
+                raise ModelLoadError("circular dependency between ensembles: "
+                                     + " -> ".join(path))
+            if model in seen or not valid_model_name(model):
+                continue
+            seen.add(model)
+            try:
+                proto, _ = read_config_file(self.root / model, model)
+            except ModelLoadError:
+                continue  # that model's own load reports it
+            if is_ensemble(proto):
+                stack += [(s.model_name, (*path, s.model_name))
+                          for s in proto.ensemble_scheduling.step]
+
+    def _recheck_ensembles(self, changed: str) -> None:
+        """A model changed: the ensembles that use it serve only while they still fit it
+        (a composing model unloaded, or reloaded with other tensors, stops them with why)."""
+        for entry in self.models.values():
+            for served in entry.serving.values():
+                plan = served.config.ensemble
+                if plan is None or changed not in plan.models:
+                    continue
+                try:
+                    check_composing(served.config, self._composing(served.config))
+                    broken = ""
+                except ModelLoadError as exc:
+                    broken = str(exc)
+                scheduler = served.batcher
+                if broken != scheduler.broken:
+                    if broken:
+                        log.error("ensemble '%s' version %s cannot serve: %s", entry.name,
+                                  served.version, broken)
+                    else:
+                        log.info("ensemble '%s' version %s serves again", entry.name,
+                                 served.version)
+                    scheduler.broken = broken
+
     def _cache_for(self, config: ModelConfig) -> ResponseCache | None:
         if not config.response_cache:
             return None
@@ -323,6 +420,11 @@ class Repository:
         entry.latest = serving[max(serving, key=int)] if serving else None
         entry.config = entry.latest.config if entry.latest else entry.config
         entry.reasons = reasons
+        if any(v.config.ensemble is not None for v in serving.values()):
+            self.ensembles.add(entry.name)
+        else:
+            self.ensembles.discard(entry.name)
+        self._recheck_ensembles(entry.name)
         self.events.emit("model_changed", entry.name)
 
     async def unload(self, name: str) -> None:
@@ -406,8 +508,11 @@ class Repository:
                 continue
             if entry.loading and not entry.serving:
                 rows.append((name, "", "LOADING", ""))
-            for version in sorted(entry.serving, key=int):  # a reason: a failed reload
-                rows.append((name, version, "READY", entry.reasons.get(version, "")))
+            for version, served in sorted(entry.serving.items(), key=lambda kv: int(kv[0])):
+                if served.config.ensemble is not None and served.batcher.broken:
+                    rows.append((name, version, "UNAVAILABLE", served.batcher.broken))
+                else:  # a reason: a failed reload
+                    rows.append((name, version, "READY", entry.reasons.get(version, "")))
             for version, reason in sorted(entry.reasons.items()):
                 if version not in entry.serving:
                     rows.append((name, version, "UNAVAILABLE", reason))

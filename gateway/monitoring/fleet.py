@@ -31,6 +31,8 @@ SUM, MAX, MIN = "sum", "max", "min"
 GAUGE_MODES = {
     "gateway_inflight_requests": SUM,
     "gateway_queue_depth": SUM,
+    "gateway_response_cache_bytes": SUM,  # one cache per process
+    "gateway_response_cache_entries": SUM,
     "gateway_model_ready": MIN,
     "gateway_state_store_up": MIN,
     "gateway_state_revision": MIN,

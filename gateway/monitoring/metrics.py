@@ -167,6 +167,8 @@ class GatewayCollector:
     def collect(self):
         yield from self._serving()
         yield from self._models()
+        if self.repository.cache is not None:
+            yield from self._response_cache(self.repository.cache)
         if self.gpu is not None:
             yield from self._gpu()
         if self.drift is not None:
@@ -256,6 +258,30 @@ class GatewayCollector:
                 for version, percent in sorted(shares.items(), key=lambda kv: int(kv[0])):
                     weight.add_metric([name, version], percent / 100.0)
         yield from (ready, depth, weight)
+
+    def _response_cache(self, cache):
+        """The response cache (--cache-size): hits and misses of each version that uses it,
+        as ModelStatistics' cache_hit / cache_miss count them, and its size."""
+        hits = CounterMetricFamily("gateway_response_cache_hits", "Requests answered from the "
+                                   "response cache", labels=["model", "version"])
+        misses = CounterMetricFamily("gateway_response_cache_misses", "Requests looked up in "
+                                     "the response cache and not found there",
+                                     labels=["model", "version"])
+        for name, entry in sorted(self.repository.models.copy().items()):
+            for version, served in sorted(entry.serving.items(), key=lambda kv: int(kv[0])):
+                if served.batcher.cache is not None:
+                    hits.add_metric([name, version], served.stats.cache_hit.count)
+                    misses.add_metric([name, version], served.stats.cache_miss.count)
+        used = GaugeMetricFamily("gateway_response_cache_bytes", "Bytes of outputs the "
+                                 "response cache holds")
+        used.add_metric([], cache.used)
+        entries = GaugeMetricFamily("gateway_response_cache_entries", "Responses the "
+                                    "response cache holds")
+        entries.add_metric([], len(cache))
+        evictions = CounterMetricFamily("gateway_response_cache_evictions", "Responses evicted "
+                                        "from the response cache to make room")
+        evictions.add_metric([], cache.evictions)
+        yield from (hits, misses, used, entries, evictions)
 
     def _gpu(self):
         samples = self.gpu.samples

@@ -189,7 +189,8 @@ class HttpFrontend:
     async def infer(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
         body = await self._body(request)
-        key = request.headers.get("x-routing-key") if model in self.policies else None
+        key = (request.headers.get("x-routing-key")
+               if model in self.policies or model in self.repository.ensembles else None)
         core, plan = decode_infer(body, request.headers.get(HEADER_LENGTH), model,
                                   request.match_info.get("version", ""), key)
         # Encoded inside the data plane's accounting, as over gRPC.
@@ -217,7 +218,8 @@ class HttpFrontend:
         return web.Response()
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        self._served(request)  # NotFound / Unavailable say why not
+        self.repository.ready(request.match_info["model"],  # NotFound / Unavailable say why not
+                              request.match_info.get("version", ""))
         if not self.ready():
             raise Unavailable("the server is not ready: starting or shutting down")
         return web.Response()
@@ -322,7 +324,8 @@ def _statistics(served) -> dict:
         "name": served.model, "version": served.version, "last_inference": s.last_inference_ms,
         "inference_count": s.inference_count, "execution_count": s.execution_count,
         "inference_stats": {k: duration(getattr(s, k)) for k in (
-            "success", "fail", "queue", "compute_input", "compute_infer", "compute_output")},
+            "success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+            "cache_hit", "cache_miss")},
         "batch_stats": [{"batch_size": size, "compute_input": duration(b.compute_input),
                          "compute_infer": duration(b.compute_infer),
                          "compute_output": duration(b.compute_output)}

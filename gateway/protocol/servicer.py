@@ -76,6 +76,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                  stream_inflight: int = STREAM_INFLIGHT):
         self.dataplane = dataplane
         self.policies = dataplane.router.policies  # models with a traffic policy (live dict)
+        self.ensembles = repository.ensembles  # their steps may be split (live set)
         self.repository = repository
         self.ready = ready  # () -> bool: server started and not draining
         self.max_message_bytes = max_message_bytes  # the server's gRPC send limit
@@ -91,7 +92,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # Reading metadata costs tens of microseconds: only when a split may use the key.
             # The deadline reaches the batcher (expired requests never run) and the accounting
             # (a call cancelled at its deadline timed out).
-            key = _routing_key(context) if request.model_name in self.policies else None
+            name = request.model_name
+            key = (_routing_key(context) if name in self.policies or name in self.ensembles
+                   else None)
             remaining = context.time_remaining()
             core = codec.decode_request(request, key, _deadline_ns(remaining))
             return await self.dataplane.infer(core, self._encode)
@@ -169,7 +172,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @handles_errors
     async def ModelReady(self, request, context):
         try:
-            self.repository.version(request.name, request.version)
+            self.repository.ready(request.name, request.version)
         except GatewayError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.ready())

@@ -7,9 +7,13 @@ version's entry; a model that does not enable the cache is never cached.
 
 from __future__ import annotations
 
+import urllib.request
+
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from prometheus_client.parser import text_string_to_metric_families
 from support import TIMEOUT, model_stats, start_gateway
 
 from bench import models
@@ -18,7 +22,7 @@ CACHED = 'max_batch_size: 8\ndynamic_batching { }\nresponse_cache { enable: true
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def gateway(tmp_path_factory):
     repo = tmp_path_factory.mktemp("cache")
     for version, seed in ((1, 0), (2, 1)):
         (repo / "cached" / str(version)).mkdir(parents=True)
@@ -27,8 +31,13 @@ def served(tmp_path_factory):
     (repo / "plain" / "1").mkdir(parents=True)
     models.build_mlp(repo / "plain" / "1" / "model.onnx", (8, 16, 4))
     models.write_config(repo / "plain", "max_batch_size: 8\ndynamic_batching { }\n")
-    with (start_gateway(repo, "--cache-size", str(1 << 20)) as gw,
-          grpcclient.InferenceServerClient(gw.url) as client):
+    with start_gateway(repo, "--cache-size", str(1 << 20)) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def served(gateway):
+    with grpcclient.InferenceServerClient(gateway.url) as client:
         yield client
 
 
@@ -65,3 +74,25 @@ def test_a_model_without_response_cache_is_not_cached(served):
     infer(served, "plain", x)
     assert cache_counts(served, "plain", "1") == (0, 0, 2)
     assert model_stats(served, "plain").inference_stats.success.count == 2
+
+
+def test_hits_and_misses_show_in_prometheus_and_rest_statistics(gateway, served):
+    x = np.full((1, 8), 0.75, np.float32)
+    for _ in range(3):
+        infer(served, "cached", x, "1")
+    hits, misses, _ = cache_counts(served, "cached", "1")
+    assert hits >= 2 and misses >= 1
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics",
+                                  timeout=TIMEOUT).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    labels = (("model", "cached"), ("version", "1"))
+    assert samples[("gateway_response_cache_hits_total", labels)] == hits
+    assert samples[("gateway_response_cache_misses_total", labels)] == misses
+    assert ("gateway_response_cache_hits_total", (("model", "plain"), ("version", "1"))) \
+        not in samples  # a model that does not use the cache has no series
+    assert samples[("gateway_response_cache_entries", ())] >= 3
+    assert 0 < samples[("gateway_response_cache_bytes", ())] <= 1 << 20
+    with httpclient.InferenceServerClient(gateway.http_url) as http:
+        stats = http.get_inference_statistics("cached", "1")["model_stats"][0]["inference_stats"]
+    assert (stats["cache_hit"]["count"], stats["cache_miss"]["count"]) == (hits, misses)

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.cache import ResponseCache
 from gateway.monitoring.drift import DriftEngine
 from gateway.monitoring.gpu import GpuSampler
 from gateway.monitoring.metrics import (
@@ -19,12 +20,14 @@ from gateway.monitoring.metrics import (
     GatewayCollector,
     ServingMetrics,
 )
+from gateway.statistics import ModelStats
 from gateway.tensors import TensorSpec
 
 
 class FakeBatcher:
     def __init__(self, model, version, depth=0):
         self.model, self.version, self.queue_depth = model, version, depth
+        self.cache = None
 
 
 def served(model, version, depth=0):
@@ -36,7 +39,7 @@ def served(model, version, depth=0):
 class Setup:
     def __init__(self, tmp_path, gpu=None):
         self.v1, self.v2 = served("m", "1", depth=3), served("m", "2")
-        self.repository = SimpleNamespace(root=tmp_path, models={
+        self.repository = SimpleNamespace(root=tmp_path, cache=None, models={
             "m": SimpleNamespace(serving={"1": self.v1, "2": self.v2}, reasons={"3": "bad"},
                                  loading=False),
             "broken": SimpleNamespace(serving={}, reasons={"": "no versions"}, loading=False),
@@ -90,6 +93,25 @@ def test_requests_and_latency_by_model_version_and_code(tmp_path):
     assert len(buckets) == len(LATENCY_BUCKETS) + 1
     # failures are counted, not timed
     assert value(samples, latency + "_count", model="m", version="2") == 1
+
+
+def test_response_cache_series_only_for_versions_that_use_it(tmp_path):
+    s = Setup(tmp_path)
+    assert not [k for k in s.scrape() if k[0].startswith("gateway_response_cache")]  # no cache
+    cache = ResponseCache(1 << 20)
+    cache.put(b"k", [np.zeros(4, np.float32)])
+    s.repository.cache = cache
+    s.v1.batcher.cache = cache
+    s.v1.stats = ModelStats()
+    s.v1.stats.cache_hit.add(10, 3)
+    s.v1.stats.cache_miss.add(10, 2)
+    samples = s.scrape()
+    assert value(samples, "gateway_response_cache_hits_total", model="m", version="1") == 3
+    assert value(samples, "gateway_response_cache_misses_total", model="m", version="1") == 2
+    assert not [k for k in samples if k[0] == "gateway_response_cache_hits_total"
+                and ("version", "2") in k[1]]
+    assert value(samples, "gateway_response_cache_entries") == 1
+    assert value(samples, "gateway_response_cache_bytes") == cache.used > 0
 
 
 def test_a_bucket_bound_is_inclusive(tmp_path):

@@ -17,10 +17,11 @@ import numpy as np
 
 from gateway.batch.engines.base import ModelInfo
 from gateway.batch.errors import InferenceFailure, UsageError
-from gateway.dataplane import prepare_inputs, requested_outputs, response_tensor
+from gateway.dataplane import DataPlane, prepare_inputs, requested_outputs, response_tensor
 from gateway.errors import GatewayError
 from gateway.repository import Repository
-from gateway.tensors import Tensor
+from gateway.routing import Router
+from gateway.tensors import InferRequest, Tensor
 
 
 class LocalEngine:
@@ -35,6 +36,7 @@ class LocalEngine:
         self._repository: Repository | None = None
         self._temporary: Path | None = None
         self._served = None
+        self._dataplane: DataPlane | None = None  # for an ensemble: its steps route and batch
         self.concurrency = 2
 
     def _root(self) -> Path:
@@ -72,11 +74,18 @@ class LocalEngine:
         # The inline budget protects other callers' latency on a server's event loop; here the
         # loop serves this job alone, and a batch that waited for the GIL (the reader's threads
         # hold it at times) is no sign that the model is slow: keep a small model inline.
-        batcher = self._served.batcher
-        if batcher.inline:
-            batcher.inline_budget_ns = 1 << 62
+        if config.ensemble is not None:
+            # Its steps are requests to their models, through a data plane of this process.
+            self._dataplane = DataPlane(Router(self._repository))
+            batchers = [v.batcher for e in self._repository.models.values()
+                        for v in e.serving.values()]
+        else:
+            batchers = [self._served.batcher]
+        for batcher in batchers:
+            if batcher.inline:
+                batcher.inline_budget_ns = 1 << 62
         # Two requests per instance: one runs while the next is being prepared.
-        self.concurrency = 2 * len(self._served.batcher.instances)
+        self.concurrency = max(2, 2 * sum(len(b.instances) for b in batchers))
         return ModelInfo(self.model, self._served.version, config.max_batch_size,
                          tuple(config.inputs), tuple(config.outputs))
 
@@ -87,6 +96,10 @@ class LocalEngine:
         try:
             tensors = [Tensor(spec.name, spec.datatype, inputs[spec.name])
                        for spec in config.inputs]
+            if self._dataplane is not None:
+                response = await self._dataplane.infer(
+                    InferRequest(self.model, served.version, "", tensors, list(outputs)))
+                return served.version, [t.data for t in response.outputs]
             arrays, size, key = prepare_inputs(config, tensors)
             wanted = requested_outputs(config, outputs)
             results = await served.batcher.run_now(arrays, size)

@@ -1,0 +1,283 @@
+"""Ensembles (Triton's platform "ensemble") served to tritonclient.
+
+Real ONNX models built with onnx.helper: ``scale`` (Y = X * k; version 1 doubles, version 2
+triples), ``shift`` (Z = Y + 1) and ``join`` (S = A + B). The ensembles chain them (``chain``:
+scale -> shift), fan out and join (``diamond``: scale and shift of the same input, then join),
+and refuse what does not fit with the reason in the repository index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+import tritonclient.http as httpclient
+from onnx import TensorProto, helper
+from support import ROOT, TIMEOUT, index_rows, model_stats, raises, wait_for
+
+from bench import models
+from tests.conftest import start_gateway
+
+X = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+
+def fp32(name):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 4])
+
+
+def build_scale(path, factor: float):
+    k = helper.make_tensor("k", TensorProto.FLOAT, [1], [factor])
+    graph = helper.make_graph([helper.make_node("Mul", ["X", "k"], ["Y"])], "scale",
+                              [fp32("X")], [fp32("Y")], [k])
+    return models._save(graph, path)
+
+
+def build_shift(path):
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    graph = helper.make_graph([helper.make_node("Add", ["Y", "one"], ["Z"])], "shift",
+                              [fp32("Y")], [fp32("Z")], [one])
+    return models._save(graph, path)
+
+
+def build_join(path):
+    graph = helper.make_graph([helper.make_node("Add", ["A", "B"], ["S"])], "join",
+                              [fp32("A"), fp32("B")], [fp32("S")])
+    return models._save(graph, path)
+
+
+def tensor(name, dims="[ 4 ]", datatype="TYPE_FP32"):
+    return f'{{ name: "{name}" data_type: {datatype} dims: {dims} }}'
+
+
+def step(model, inputs, outputs, version=-1):
+    ins = " ".join(f'input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
+    outs = " ".join(f'output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())
+    return f'step [ {{ model_name: "{model}" model_version: {version} {ins} {outs} }} ]'
+
+
+def ensemble(repo, name, inputs, outputs, steps, max_batch_size=8, version_dir=True):
+    (repo / name).mkdir(parents=True)
+    if version_dir:
+        (repo / name / "1").mkdir()
+    models.write_config(repo / name, f"""
+        platform: "ensemble"
+        max_batch_size: {max_batch_size}
+        input [ {", ".join(inputs)} ]
+        output [ {", ".join(outputs)} ]
+        ensemble_scheduling {{ {" ".join(steps)} }}
+    """)
+
+
+def build_repository(repo):
+    for version, factor in ((1, 2.0), (2, 3.0)):
+        build_scale(repo / "scale" / str(version) / "model.onnx", factor)
+    models.write_config(repo / "scale", "max_batch_size: 8\ndynamic_batching { }\n"
+                                        "version_policy { all { } }\n")
+    build_shift(repo / "shift" / "1" / "model.onnx")
+    models.write_config(repo / "shift", "max_batch_size: 8\ndynamic_batching { }\n")
+    build_join(repo / "join" / "1" / "model.onnx")
+    models.write_config(repo / "join", "max_batch_size: 8\n")
+    ensemble(repo, "chain", [tensor("RAW")], [tensor("OUT")], [
+        step("scale", {"X": "RAW"}, {"Y": "scaled"}),
+        step("shift", {"Y": "scaled"}, {"Z": "OUT"}),
+    ])
+    # Steps listed out of order on purpose: the plan orders them by what they read.
+    ensemble(repo, "diamond", [tensor("RAW")], [tensor("SUM"), tensor("DOUBLED")], [
+        step("join", {"A": "doubled", "B": "shifted"}, {"S": "SUM"}),
+        step("scale", {"X": "RAW"}, {"Y": "doubled"}, version=1),
+        step("shift", {"Y": "RAW"}, {"Z": "shifted"}),
+        step("shift", {"Y": "doubled"}, {"Z": "DOUBLED"}),
+    ], version_dir=False)
+    # Refused at load, each with its reason:
+    ensemble(repo, "dangling", [tensor("RAW")], [tensor("OUT")], [
+        step("shift", {"Y": "nowhere"}, {"Z": "OUT"}),
+    ])
+    ensemble(repo, "wrong_type", [tensor("RAW", datatype="TYPE_INT32")], [tensor("OUT")], [
+        step("shift", {"Y": "RAW"}, {"Z": "OUT"}),
+    ])
+    ensemble(repo, "too_big", [tensor("RAW")], [tensor("OUT")], [
+        step("shift", {"Y": "RAW"}, {"Z": "OUT"}),
+    ], max_batch_size=64)
+    ensemble(repo, "missing", [tensor("RAW")], [tensor("OUT")], [
+        step("absent", {"Y": "RAW"}, {"Z": "OUT"}),
+    ])
+    # A composing model with no batching of its own, fed a whole batch by a non-batching
+    # ensemble: a step whose request its model refuses.
+    build_shift(repo / "shift_two" / "1" / "model.onnx")
+    models.write_config(repo / "shift_two", "max_batch_size: 2\n")
+    ensemble(repo, "narrow", [tensor("RAW", "[ -1, 4 ]")], [tensor("OUT", "[ -1, 4 ]")], [
+        step("shift_two", {"Y": "RAW"}, {"Z": "OUT"}),
+    ], max_batch_size=0)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    repo = build_repository(tmp_path_factory.mktemp("ensembles"))
+    with start_gateway(repo, "--state-dir", str(repo / ".gateway")) as gw:
+        yield gw
+
+
+@pytest.fixture
+def client(gateway):
+    with grpcclient.InferenceServerClient(gateway.url) as c:
+        yield c
+
+
+def infer(client, model, x=X, outputs=None, **kwargs):
+    inp = grpcclient.InferInput("RAW", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    wanted = [grpcclient.InferRequestedOutput(o) for o in outputs] if outputs else None
+    return client.infer(model, [inp], outputs=wanted, client_timeout=TIMEOUT, **kwargs)
+
+
+def traffic(url, *args):
+    done = subprocess.run([sys.executable, "-m", "gateway", "traffic", *args, "--url", url],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_chain_runs_each_step_and_answers_as_the_ensemble(client):
+    result = infer(client, "chain")
+    np.testing.assert_allclose(result.as_numpy("OUT"), X * 3.0 + 1.0)  # newest scale: x3
+    response = result.get_response()
+    assert (response.model_name, response.model_version) == ("chain", "1")
+    assert [o.name for o in response.outputs] == ["OUT"]
+
+
+def test_steps_that_do_not_depend_on_each_other_run_as_a_diamond(client):
+    result = infer(client, "diamond")
+    np.testing.assert_allclose(result.as_numpy("SUM"), X * 2.0 + (X + 1.0))
+    np.testing.assert_allclose(result.as_numpy("DOUBLED"), X * 2.0 + 1.0)
+    only = infer(client, "diamond", outputs=["DOUBLED"])
+    assert [o.name for o in only.get_response().outputs] == ["DOUBLED"]
+
+
+def test_statistics_per_ensemble_and_per_composing_model(client):
+    before = {m: model_stats(client, m, v).inference_stats.success.count
+              for m, v in (("chain", "1"), ("shift", "1"))}
+    for _ in range(3):
+        infer(client, "chain")
+    chain = model_stats(client, "chain", "1")
+    assert chain.inference_stats.success.count == before["chain"] + 3
+    assert chain.inference_count >= 6 and chain.execution_count >= 3  # 2 rows per request
+    assert (model_stats(client, "shift", "1").inference_stats.success.count
+            == before["shift"] + 3)
+
+
+def test_metadata_and_config_say_ensemble(client):
+    meta = client.get_model_metadata("chain")
+    assert meta.platform == "ensemble"
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("RAW", "FP32", [-1, 4])]
+    config = client.get_model_config("chain").config
+    assert [s.model_name for s in config.ensemble_scheduling.step] == ["scale", "shift"]
+    assert client.is_model_ready("chain") and client.is_model_ready("diamond")
+
+
+def test_a_split_on_a_composing_model_applies_inside_the_ensemble(gateway, client):
+    assert "1=50% 2=50%" in traffic(gateway.url, "set", "scale", "1=50", "2=50")
+    try:
+        async def run(keys):
+            async with aioclient.InferenceServerClient(gateway.url) as aio:
+                async def one(key):
+                    inp = aioclient.InferInput("RAW", [1, 4], "FP32")
+                    inp.set_data_from_numpy(X[:1])
+                    result = await aio.infer("chain", [inp], headers={"x-routing-key": key}
+                                             if key else None, client_timeout=TIMEOUT)
+                    return float(result.as_numpy("OUT")[0, 1])  # x=1: 2+1 or 3+1
+                return await asyncio.gather(*(one(k) for k in keys))
+
+        seen = Counter(asyncio.run(run([None] * 200)))
+        assert set(seen) == {3.0, 4.0} and min(seen.values()) > 50, seen
+        # A sticky key reaches one composing version, every time.
+        keys = [f"user-{i}" for i in range(40)]
+        first = asyncio.run(run(keys))
+        assert asyncio.run(run(keys)) == first
+    finally:
+        traffic(gateway.url, "clear", "scale")
+
+
+def test_a_step_that_fails_is_named_with_its_ensemble(client):
+    with raises("INVALID_ARGUMENT", "in ensemble 'narrow', step 1 (model 'shift_two'):",
+                "must be 1 to 2"):
+        infer(client, "narrow", np.zeros((4, 4), np.float32))
+    ok = infer(client, "narrow", np.zeros((2, 4), np.float32))
+    np.testing.assert_allclose(ok.as_numpy("OUT"), np.ones((2, 4)))
+
+
+def test_bad_input_is_refused_by_the_ensemble_itself(client):
+    with raises("INVALID_ARGUMENT", "input 'RAW' has shape [2, 5]"):
+        infer(client, "chain", np.zeros((2, 5), np.float32))
+
+
+def test_ensembles_that_do_not_fit_are_unavailable_with_the_reason(client):
+    rows = index_rows(client)
+    reasons = {name: rows[(name, "")] for name in ("dangling", "wrong_type", "too_big", "missing")}
+    assert reasons["dangling"][0] == "UNAVAILABLE"
+    assert "reads ensemble tensor nowhere" in reasons["dangling"][1]
+    assert ("in ensemble wrong_type, ensemble tensor RAW: inconsistent data type: INT32 is "
+            "inferred from model wrong_type while FP32 is inferred from model shift"
+            in reasons["wrong_type"][1])
+    assert ("ensemble too_big allows maximum batch size 64, but it contains model shift which "
+            "only allows maximum batch size to be 8" in reasons["too_big"][1])
+    assert "ensemble missing contains models that are not available: absent" in \
+        reasons["missing"][1]
+    with raises("UNAVAILABLE", "not available"):
+        infer(client, "dangling")
+    assert rows[("chain", "1")][0] == "READY"
+
+
+def test_rest_clients_reach_ensembles_too(gateway):
+    with httpclient.InferenceServerClient(gateway.http_url) as http:
+        inp = httpclient.InferInput("RAW", [2, 4], "FP32")
+        inp.set_data_from_numpy(X)
+        result = http.infer("chain", [inp], model_version="1")
+        np.testing.assert_allclose(result.as_numpy("OUT"), X * 3.0 + 1.0)
+
+
+def test_explicit_mode_loads_what_an_ensemble_needs_and_stops_it_without(tmp_path):
+    repo = build_repository(tmp_path)
+    with (start_gateway(repo, "--control-mode", "explicit") as gw,
+          grpcclient.InferenceServerClient(gw.url) as client):
+        assert not client.is_model_ready("scale")
+        client.load_model("chain")  # loads scale and shift first
+        assert client.is_model_ready("scale") and client.is_model_ready("shift")
+        np.testing.assert_allclose(infer(client, "chain").as_numpy("OUT"), X * 3.0 + 1.0)
+        client.unload_model("shift")
+        assert not client.is_model_ready("chain")
+        with raises("UNAVAILABLE", "in ensemble 'chain', ensemble chain contains models that "
+                                   "are not available: shift"):
+            infer(client, "chain")
+        assert index_rows(client)[("chain", "1")][0] == "UNAVAILABLE"
+        client.load_model("shift")
+        wait_for(lambda: client.is_model_ready("chain"), what="chain ready again")
+        np.testing.assert_allclose(infer(client, "chain").as_numpy("OUT"), X * 3.0 + 1.0)
+
+
+@pytest.mark.parametrize("engine", ["in-process", "gateway"])
+def test_gateway_score_runs_an_ensemble_in_process_and_remotely(engine, gateway, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = build_repository(tmp_path / "repo")
+    rows = np.random.default_rng(3).standard_normal((500, 4)).astype(np.float32)
+    source = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"RAW": pa.FixedSizeListArray.from_arrays(
+        pa.array(rows.reshape(-1)), 4)}), source)
+    where = ["--model-repository", str(repo)] if engine == "in-process" else ["--url",
+                                                                             gateway.url]
+    out = tmp_path / "scores.parquet"
+    done = subprocess.run([sys.executable, "-m", "gateway", "score", "chain", str(source), "-o",
+                           str(out), "--chunk-rows", "64", *where], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert (done.returncode, "500 scored, 0 failed" in done.stdout) == (0, True), \
+        done.stdout + done.stderr
+    scores = np.array(pq.read_table(out).column("OUT").to_pylist(), np.float32)
+    np.testing.assert_allclose(scores, rows * 3.0 + 1.0, rtol=1e-6)
