@@ -236,7 +236,8 @@ def check_composing(config: ModelConfig, composing: dict[int, list[ModelConfig]]
     serving version of its model); ModelLoadError in Triton's words when they do not fit."""
     name = config.name
     plan: EnsemblePlan = config.ensemble
-    missing = sorted({s.model for s in plan.steps if not composing.get(s.index)})
+    missing = sorted({s.model + (f" version {s.version}" if s.version else "")
+                      for s in plan.steps if not composing.get(s.index)})
     if missing:
         raise ModelLoadError(f"ensemble {name} contains models that are not available: "
                              f"{', '.join(missing)}")

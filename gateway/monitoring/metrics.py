@@ -243,7 +243,8 @@ class GatewayCollector:
             serving = entry.serving
             reasons = dict(entry.reasons)
             for version, served in sorted(serving.items(), key=lambda kv: int(kv[0])):
-                ready.add_metric([name, version], 1)
+                broken = served.config.ensemble is not None and served.batcher.broken
+                ready.add_metric([name, version], 0 if broken else 1)
                 depth.add_metric([name, version], served.batcher.queue_depth)
             failed = sorted((v for v in reasons if v and v not in serving), key=int)
             for version in failed:

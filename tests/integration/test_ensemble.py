@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import urllib.request
 from collections import Counter
 
 import numpy as np
@@ -94,7 +95,18 @@ def build_repository(repo):
         step("shift", {"Y": "RAW"}, {"Z": "shifted"}),
         step("shift", {"Y": "doubled"}, {"Z": "DOUBLED"}),
     ], version_dir=False)
+    # An ensemble of an ensemble, pinned to scale's version 1 at the outer step.
+    ensemble(repo, "nested", [tensor("RAW")], [tensor("OUT")], [
+        step("chain", {"RAW": "RAW"}, {"OUT": "once"}),
+        step("scale", {"X": "once"}, {"Y": "OUT"}, version=1),
+    ])
     # Refused at load, each with its reason:
+    ensemble(repo, "loop_a", [tensor("RAW")], [tensor("OUT")], [
+        step("loop_b", {"RAW": "RAW"}, {"OUT": "OUT"})])
+    ensemble(repo, "loop_b", [tensor("RAW")], [tensor("OUT")], [
+        step("loop_a", {"RAW": "RAW"}, {"OUT": "OUT"})])
+    ensemble(repo, "no_such_version", [tensor("RAW")], [tensor("OUT")], [
+        step("shift", {"Y": "RAW"}, {"Z": "OUT"}, version=7)])
     ensemble(repo, "dangling", [tensor("RAW")], [tensor("OUT")], [
         step("shift", {"Y": "nowhere"}, {"Z": "OUT"}),
     ])
@@ -150,6 +162,11 @@ def test_a_chain_runs_each_step_and_answers_as_the_ensemble(client):
     response = result.get_response()
     assert (response.model_name, response.model_version) == ("chain", "1")
     assert [o.name for o in response.outputs] == ["OUT"]
+
+
+def test_an_ensemble_may_be_a_step_of_another(client):
+    result = infer(client, "nested")
+    np.testing.assert_allclose(result.as_numpy("OUT"), (X * 3.0 + 1.0) * 2.0)
 
 
 def test_steps_that_do_not_depend_on_each_other_run_as_a_diamond(client):
@@ -219,7 +236,8 @@ def test_bad_input_is_refused_by_the_ensemble_itself(client):
 
 def test_ensembles_that_do_not_fit_are_unavailable_with_the_reason(client):
     rows = index_rows(client)
-    reasons = {name: rows[(name, "")] for name in ("dangling", "wrong_type", "too_big", "missing")}
+    reasons = {name: rows[(name, "")] for name in ("dangling", "wrong_type", "too_big", "missing",
+                                                   "loop_a", "loop_b", "no_such_version")}
     assert reasons["dangling"][0] == "UNAVAILABLE"
     assert "reads ensemble tensor nowhere" in reasons["dangling"][1]
     assert ("in ensemble wrong_type, ensemble tensor RAW: inconsistent data type: INT32 is "
@@ -229,6 +247,12 @@ def test_ensembles_that_do_not_fit_are_unavailable_with_the_reason(client):
             "only allows maximum batch size to be 8" in reasons["too_big"][1])
     assert "ensemble missing contains models that are not available: absent" in \
         reasons["missing"][1]
+    assert "circular dependency between ensembles: loop_a -> loop_b -> loop_a" in \
+        reasons["loop_a"][1]
+    assert "circular dependency between ensembles: loop_b -> loop_a -> loop_b" in \
+        reasons["loop_b"][1]
+    assert ("ensemble no_such_version contains models that are not available: shift version 7"
+            in reasons["no_such_version"][1])
     with raises("UNAVAILABLE", "not available"):
         infer(client, "dangling")
     assert rows[("chain", "1")][0] == "READY"
@@ -256,6 +280,9 @@ def test_explicit_mode_loads_what_an_ensemble_needs_and_stops_it_without(tmp_pat
                                    "are not available: shift"):
             infer(client, "chain")
         assert index_rows(client)[("chain", "1")][0] == "UNAVAILABLE"
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics",
+                                         timeout=TIMEOUT).read().decode()
+        assert 'gateway_model_ready{model="chain",version="1"} 0.0' in metrics
         client.load_model("shift")
         wait_for(lambda: client.is_model_ready("chain"), what="chain ready again")
         np.testing.assert_allclose(infer(client, "chain").as_numpy("OUT"), X * 3.0 + 1.0)

@@ -31,7 +31,8 @@ class FakeBatcher:
 
 
 def served(model, version, depth=0):
-    config = SimpleNamespace(max_batch_size=8, inputs=[TensorSpec("x", "FP32", (2,))])
+    config = SimpleNamespace(max_batch_size=8, inputs=[TensorSpec("x", "FP32", (2,))],
+                             ensemble=None)
     return SimpleNamespace(model=model, version=version, config=config,
                            batcher=FakeBatcher(model, version, depth))
 
