@@ -284,9 +284,10 @@ class Repository:
                 new_serving[key] = ServingVersion(name, key, ensemble,
                                                   EnsembleScheduler(name, key, ensemble, stats),
                                                   stats, signature)
-                log.info("ensemble '%s' version %s ready (%d steps: %s)", name, key,
-                         len(ensemble.ensemble.steps),
-                         ", ".join(s.model for s in ensemble.ensemble.steps))
+                steps = ensemble.ensemble.steps
+                log.info("ensemble '%s' version %s ready (%d step%s: %s)", name, key,
+                         len(steps), "" if len(steps) == 1 else "s",
+                         ", ".join(s.model for s in steps))
                 continue
             try:
                 loaded = await loop.run_in_executor(
