@@ -7,13 +7,38 @@ is built the way its test.sh builds it (ONNX only). Then, for each run, a fresh 
 the repository on Triton's ports (gRPC 8001, HTTP 8000) and pytest runs the named tests.
 
     python scripts/triton_qa.py --triton DIR_OF_GIT_MIRROR --work /tmp/tqa \\
-        [--suites L0_batcher,L0_infer] [--gateway-root CHECKOUT] [--json results.json]
+        [--suites L0_batcher,L0_infer] [--ensembles include|skip|only] \\
+        [--gateway-root CHECKOUT] [--json results.json]
 
 ``--gateway-root`` runs another checkout's gateway (a baseline) with this script. A conftest
 placed in the work directory (ours) turns off the TensorRT, LibTorch and OpenVINO branches of
-the suites (test_util.validate_for_*_model) and, unless --ensembles, the ensemble ones, so a
-suite exercises its ONNX models only. Tests that need a feature the gateway declares unsupported
-are listed in NOT_APPLICABLE with the reason and reported apart.
+the suites (test_util.validate_for_*_model), and the ensemble ones in a run whose ENSEMBLES is
+0, so a suite exercises its ONNX models (and, with ENSEMBLES=1, their ensembles) only. Tests
+that need a feature the gateway declares unsupported are listed in NOT_APPLICABLE with the
+reason and reported apart.
+
+Ensembles. L0_infer, L0_infer_variable, L0_infer_reshape and L0_infer_zero run twice: as
+before, ONNX models only (label "onnx", ENSEMBLES=0), and with Triton's ensembles (label
+"onnx+ensembles", ENSEMBLES=1), the repository built as the suite's test.sh builds it with
+ENSEMBLES=1: the ensembles of qa_ensemble_model_repository (generated here with
+gen_qa_models.py --ensemble [--variable], gen_qa_reshape_models.py --ensemble and
+gen_qa_identity_models.py --ensemble), L0_infer's hand-written qa/ensemble_models of an
+ONNX-only run (wrong_label, label_override, mix_type, batch_to_nobatch[_nobatch],
+nobatch_to_batch[_nobatch], mix_nobatch_batch) and their custom_[nobatch_]zero_1_float32. The
+composing "nop_*" and "custom_*" models are Triton identity-backend models (a config and no
+model file); the gateway serves ONNX only, so each becomes an ONNX stand-in: 1/model.onnx of
+ONNX Identity nodes, INPUTn -> OUTPUTn with the config's data types and model shapes (the
+reshape shape where a tensor has one, batch dim first where max_batch_size > 0), and
+``backend: "onnxruntime"`` in place of ``backend: "identity"``; the rest of the config is
+Triton's. Ensembles whose steps name a model the ONNX-only repository lacks (the plan_ and
+libtorch_ ones, mix_platform and mix_ensemble: the suites run them only with those backends)
+are left out, and so are the sequence ensembles (gen_qa_sequence_models.py --ensemble: no suite
+here uses them) and the custom_* identity copies L0_infer_reshape's test.sh makes of twelve ONNX
+models (no test or ensemble names them). L0_infer_variable's test runs its ensembles for TensorRT
+only ("No basic ensemble models are created against custom models"), so its ensemble run checks
+no more than the ONNX-only one while loading the ensembles beside the models. ``--ensembles``
+chooses: include (default: both kinds of run), skip (the ONNX-only runs alone, as before) or only
+(the ensemble runs alone).
 """
 
 from __future__ import annotations
@@ -98,6 +123,9 @@ NOT_APPLICABLE = {
 }
 
 
+ENSEMBLE_LABEL = "onnx+ensembles"
+
+
 @dataclass
 class Run:
     suite: str
@@ -108,6 +136,10 @@ class Run:
     env: dict = field(default_factory=dict)
     server_args: list[str] = field(default_factory=list)
     per_test_server: bool = False  # a fresh server for each test (absolute statistics)
+
+    @property
+    def ensembles(self) -> bool:
+        return self.env.get("ENSEMBLES") == "1"
 
 
 def runs() -> list[Run]:
@@ -138,6 +170,15 @@ def runs() -> list[Run]:
                    {"BACKENDS": "onnx", "ENSEMBLES": "0"}))
     out.append(Run("L0_infer_zero", "onnx", "infer_zero", "infer_zero_test.py", [],
                    {"BACKENDS": "onnx", "ENSEMBLES": "0"}))
+    # The same suites with Triton's ensembles of those models (see the module docstring).
+    out.append(Run("L0_infer", ENSEMBLE_LABEL, "infer_ensembles", "infer_test.py", [],
+                   {**infer_env, "ENSEMBLES": "1"}))
+    out.append(Run("L0_infer_variable", ENSEMBLE_LABEL, "infer_variable_ensembles",
+                   "infer_variable_test.py", [], {"BACKENDS": "onnx", "ENSEMBLES": "1"}))
+    out.append(Run("L0_infer_reshape", ENSEMBLE_LABEL, "infer_reshape_ensembles",
+                   "infer_reshape_test.py", [], {"BACKENDS": "onnx", "ENSEMBLES": "1"}))
+    out.append(Run("L0_infer_zero", ENSEMBLE_LABEL, "infer_zero_ensembles", "infer_zero_test.py",
+                   [], {"BACKENDS": "onnx", "ENSEMBLES": "1"}))
     out.append(Run("L0_scalar_io", "onnx", "scalar_io", "scalar_test.py", [],
                    {"BACKENDS": "onnx"}))
     out.append(Run("L0_string_io", "onnx", "string_io", "string_client_test.py", [], {}))
@@ -158,16 +199,27 @@ def runs() -> list[Run]:
 SUITES = sorted({r.suite for r in runs()})
 
 
+# L0_infer's test.sh copies these into its repository when ENSEMBLES=1 and BACKENDS has onnx
+# (mix_platform and mix_ensemble only with libtorch too: not here).
+INFER_ENSEMBLE_MODELS = [
+    "wrong_label_int32_float32_float32", "label_override_int32_float32_float32",
+    "mix_type_int32_float32_float32", "batch_to_nobatch_float32_float32_float32",
+    "batch_to_nobatch_nobatch_float32_float32_float32", "nobatch_to_batch_float32_float32_float32",
+    "nobatch_to_batch_nobatch_float32_float32_float32", "mix_nobatch_batch_float32_float32_float32"]
+
+
 def extract(mirror: Path, work: Path) -> Path:
-    """qa/common and the suites, from the mirror's HEAD, into work/qa."""
+    """qa/common, the suites and the hand-written models they use, from the mirror's HEAD, into
+    work/qa (what an earlier run extracted is kept)."""
     qa = work / "qa"
-    if qa.is_dir():
-        return qa
-    paths = ["qa/common", *(f"qa/{s}" for s in SUITES)]
-    data = subprocess.run(["git", "-C", str(mirror), "archive", "HEAD", *paths],
-                          check=True, capture_output=True).stdout
-    with tarfile.open(fileobj=BytesIO(data)) as tar:
-        tar.extractall(work, filter="data")
+    paths = ["qa/common", *(f"qa/{s}" for s in SUITES), "qa/ensemble_models",
+             "qa/custom_models/custom_zero_1_float32"]
+    missing = [p for p in paths if not (work / p).exists()]
+    if missing:
+        data = subprocess.run(["git", "-C", str(mirror), "archive", "HEAD", *missing],
+                              check=True, capture_output=True).stdout
+        with tarfile.open(fileobj=BytesIO(data)) as tar:
+            tar.extractall(work, filter="data")
     (qa / "conftest.py").write_text(CONFTEST)
     return qa
 
@@ -191,6 +243,142 @@ def generate(qa: Path, work: Path) -> Path:
     _simple_models(data / "extra")
     (data / ".done").write_text("")
     return data
+
+
+ENSEMBLE_REPOS = ["qa_model_repository", "qa_variable_model_repository",
+                  "qa_reshape_model_repository", "qa_identity_model_repository"]
+
+
+def generate_ensembles(qa: Path, data: Path) -> Path:
+    """data/qa_ensemble_model_repository as Triton's gen_qa_model_repository makes it (less the
+    sequence ones), every identity-backend model in it made an ONNX stand-in; and L0_infer's
+    custom_[nobatch_]zero_1_float32, edited as its test.sh edits them, made stand-ins too."""
+    ens = data / "qa_ensemble_model_repository"
+    if (ens / ".done").exists():
+        return ens
+    if ens.exists():
+        shutil.rmtree(ens)
+    jobs = [(["gen_qa_models.py", "--ensemble"], "qa_model_repository"),
+            (["gen_qa_models.py", "--ensemble", "--variable"], "qa_variable_model_repository"),
+            (["gen_qa_reshape_models.py", "--ensemble"], "qa_reshape_model_repository"),
+            (["gen_qa_identity_models.py", "--ensemble"], "qa_identity_model_repository")]
+    for args, out in jobs:
+        (ens / out).mkdir(parents=True)
+        subprocess.run([sys.executable, args[0], *args[1:], "--models_dir", str(ens / out)],
+                       cwd=qa / "common", check=True, capture_output=True)
+    # test.sh: cp custom_zero_1_float32, append a CPU instance group, then a batching copy
+    # (max_batch_size 8, dims [-1]) and a non-batching one (max_batch_size 0, dims [-1, -1]).
+    custom = ens / "custom"
+    src = qa / "custom_models" / "custom_zero_1_float32"
+    batching = (("max_batch_size: 1", "max_batch_size: 8"), (r"dims: \[ 1 \]", "dims: [ -1 ]"))
+    nobatch = (("custom_zero_1_float32", "custom_nobatch_zero_1_float32"),
+               ("max_batch_size: 1", "max_batch_size: 0"),
+               (r"dims: \[ 1 \]", "dims: [ -1, -1 ]"))
+    for name, subs in (("custom_zero_1_float32", batching),
+                       ("custom_nobatch_zero_1_float32", nobatch)):
+        m = _copy(src, custom / name)
+        _edit(m / "config.pbtxt", append="\ninstance_group [ { kind: KIND_CPU }]\n")
+        _edit(m / "config.pbtxt", *subs)
+    for config in sorted(ens.glob("*/*/config.pbtxt")):
+        if re.search(r'^\s*backend:\s*"identity"', config.read_text(), re.MULTILINE):
+            identity_standin(config.parent)
+    (ens / ".done").write_text("")
+    return ens
+
+
+ONNX_TYPES = {  # config data_type -> ONNX TensorProto type name
+    "TYPE_BOOL": "BOOL", "TYPE_UINT8": "UINT8", "TYPE_UINT16": "UINT16",
+    "TYPE_UINT32": "UINT32", "TYPE_UINT64": "UINT64", "TYPE_INT8": "INT8",
+    "TYPE_INT16": "INT16", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_FP16": "FLOAT16",
+    "TYPE_FP32": "FLOAT", "TYPE_FP64": "DOUBLE", "TYPE_STRING": "STRING",
+    "TYPE_BF16": "BFLOAT16"}
+
+
+def _model_config_pb2():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from gateway.modelconfig_pb import model_config_pb2
+    finally:
+        sys.path.remove(str(ROOT))
+    return model_config_pb2
+
+
+def identity_standin(model: Path) -> None:
+    """An ONNX stand-in for a Triton identity-backend model (its config and no model file):
+    1/model.onnx copies INPUTn to OUTPUTn (ONNX Identity), with the config's data types and
+    model shapes (a tensor's reshape shape where it has one, else its dims; the batch dim first
+    where max_batch_size > 0; -1 a symbolic dim), and the config says backend "onnxruntime"."""
+    import onnx
+    from google.protobuf import text_format
+    from onnx import TensorProto, helper
+
+    config = model / "config.pbtxt"
+    text = config.read_text()
+    mc = _model_config_pb2()
+    proto = text_format.Parse(text, mc.ModelConfig())
+    if proto.backend != "identity":
+        raise SystemExit(f"{model}: not an identity-backend model")
+
+    def model_shape(tensor) -> list[int]:
+        return list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+
+    def value_info(tensor, dims: list[str | int]):
+        dtype = getattr(TensorProto, ONNX_TYPES[mc.DataType.Name(tensor.data_type)])
+        return helper.make_tensor_value_info(tensor.name, dtype, dims)
+
+    def onnx_dims(shape: list[int], key: str) -> list[str | int]:
+        dims: list[str | int] = ["batch"] if proto.max_batch_size > 0 else []
+        return dims + [d if d >= 0 else f"{key}_{i}" for i, d in enumerate(shape)]
+
+    inputs = {t.name: t for t in proto.input}
+    in_vi, out_vi, nodes = [], [], []
+    for pos, out in enumerate(proto.output):
+        # The identity backend answers OUTPUTn with INPUTn.
+        src = inputs.get("INPUT" + out.name.removeprefix("OUTPUT")) or proto.input[pos]
+        key = f"d{pos}"
+        same = model_shape(src) == model_shape(out)
+        out_vi.append(value_info(out, onnx_dims(model_shape(out), key if same else f"o{pos}")))
+        nodes.append(helper.make_node("Identity", [src.name], [out.name]))
+    for pos, tensor in enumerate(proto.input):
+        paired = [i for i, o in enumerate(proto.output)
+                  if nodes[i].input[0] == tensor.name]
+        key = f"d{paired[0]}" if paired else f"i{pos}"
+        in_vi.append(value_info(tensor, onnx_dims(model_shape(tensor), key)))
+    graph = helper.make_graph(nodes, proto.name, in_vi, out_vi)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx_model.ir_version = 8
+    onnx.checker.check_model(onnx_model)
+    (model / "1").mkdir(parents=True, exist_ok=True)
+    onnx.save(onnx_model, model / "1" / "model.onnx")
+    config.write_text(re.sub(r'^(\s*)backend:\s*"identity"', r'\1backend: "onnxruntime"', text,
+                             flags=re.MULTILINE))
+
+
+def _ensembles(proto_dirs: list[Path]) -> dict[str, set[str]]:
+    """name -> composing model names, for the ensembles among these model directories."""
+    from google.protobuf import text_format
+    mc = _model_config_pb2()
+    out = {}
+    for d in proto_dirs:
+        proto = text_format.Parse((d / "config.pbtxt").read_text(), mc.ModelConfig())
+        if proto.platform == "ensemble":
+            out[d.name] = {s.model_name for s in proto.ensemble_scheduling.step}
+    return out
+
+
+def prune_ensembles(repo: Path) -> list[str]:
+    """Drop the ensembles that name a model the repository lacks (those of other backends),
+    repeatedly (an ensemble may compose an ensemble); returns their names."""
+    dropped = []
+    while True:
+        models = {d.name for d in repo.iterdir() if (d / "config.pbtxt").exists()}
+        ensembles = _ensembles([repo / m for m in sorted(models)])
+        gone = [e for e, steps in ensembles.items() if not steps <= models]
+        if not gone:
+            return dropped
+        for e in gone:
+            shutil.rmtree(repo / e)
+        dropped += gone
 
 
 def _simple_models(out: Path) -> None:
@@ -269,19 +457,31 @@ def build_repo(name: str, data: Path, dest: Path) -> Path:
                          'kind: BATCH_SCATTER_WITH_INPUT_SHAPE source_input: "INPUT0" }] '
                          "dynamic_batching { preferred_batch_size: [ 2, 6 ], "
                          "max_queue_delay_microseconds: 10000000 }\n")
-    elif name == "infer":
+    elif name in ("infer", "infer_ensembles"):
         for m in sorted(qa.glob("onnx_*")):
             if "bf16" in m.name:
                 continue  # test.sh drops bf16 models on CPU
             _edit(_copy(m, dest / m.name) / "config.pbtxt",
                   append="\ninstance_group [ { kind: KIND_CPU }]\n")
-    elif name == "infer_variable":
+        if name == "infer_ensembles":
+            # test.sh: cp qa_ensemble_model_repository/qa_model_repository/*onnx* and nop_*,
+            # then ../ensemble_models/$EM, then custom_[nobatch_]zero_1_float32.
+            ens = data / "qa_ensemble_model_repository"
+            for m in sorted((ens / "qa_model_repository").iterdir()):
+                if "onnx" in m.name or m.name.startswith("nop_"):
+                    _copy(m, dest / m.name)
+            for em in INFER_ENSEMBLE_MODELS:
+                _copy(data.parent / "qa" / "ensemble_models" / em, dest / em)
+                (dest / em / "1").mkdir(exist_ok=True)
+            for m in sorted((ens / "custom").iterdir()):
+                _copy(m, dest / m.name)
+    elif name in ("infer_variable", "infer_variable_ensembles"):
         for m in sorted(var.glob("onnx_*")):
             _copy(m, dest / m.name)
-    elif name == "infer_reshape":
+    elif name in ("infer_reshape", "infer_reshape_ensembles"):
         for m in sorted((data / "qa_reshape_model_repository").glob("onnx_*")):
             _copy(m, dest / m.name)
-    elif name == "infer_zero":
+    elif name in ("infer_zero", "infer_zero_ensembles"):
         for m in sorted(ident.glob("onnx_*")):
             _copy(m, dest / m.name)
     elif name == "scalar_io":
@@ -304,6 +504,16 @@ def build_repo(name: str, data: Path, dest: Path) -> Path:
         _copy(qa / "onnx_object_int32_int32", dest / "onnx_object_int32_int32")
     elif name != "empty":
         raise SystemExit(f"unknown repository {name}")
+    if name in ("infer_variable_ensembles", "infer_reshape_ensembles", "infer_zero_ensembles"):
+        # test.sh: cp qa_ensemble_model_repository/<the suite's repository>/* (ensembles and
+        # their nop_ models, made ONNX stand-ins here).
+        src = {"infer_variable_ensembles": "qa_variable_model_repository",
+               "infer_reshape_ensembles": "qa_reshape_model_repository",
+               "infer_zero_ensembles": "qa_identity_model_repository"}[name]
+        for m in sorted((data / "qa_ensemble_model_repository" / src).iterdir()):
+            _copy(m, dest / m.name)
+    if name.endswith("_ensembles"):
+        prune_ensembles(dest)  # the plan_ and libtorch_ ensembles: no such models here
     return dest
 
 
@@ -386,6 +596,10 @@ def main() -> int:
                         help="git directory of a triton-inference-server/server mirror")
     parser.add_argument("--work", type=Path, required=True, help="scratch directory")
     parser.add_argument("--suites", default="", help="comma-separated; default: all")
+    parser.add_argument("--ensembles", choices=("include", "skip", "only"), default="include",
+                        help="the ensemble runs (label onnx+ensembles) of L0_infer, "
+                             "L0_infer_variable, L0_infer_reshape and L0_infer_zero: with the "
+                             "other runs (default), not at all, or alone")
     parser.add_argument("--gateway-root", type=Path, default=ROOT,
                         help="the checkout whose gateway serves (default: this one)")
     parser.add_argument("--json", type=Path, help="write every test's outcome here")
@@ -407,10 +621,15 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     qa = extract(args.triton, args.work)
     data = generate(qa, args.work)
+    selected = [(index, r) for index, r in enumerate(runs())
+                if (not wanted or r.suite in wanted)
+                and {"include": True, "skip": not r.ensembles, "only": r.ensembles}[args.ensembles]]
+    if any(r.ensembles for _, r in selected):
+        generate_ensembles(qa, data)
     if not ports_free():
         sys.exit("ports 8000/8001 are taken: the suites talk to localhost:8000 and :8001")
     results = []
-    for index, run in enumerate(r for r in runs() if not wanted or r.suite in wanted):
+    for index, run in selected:
         repo = build_repo(run.repo, data, args.work / "repos" / f"{run.suite}-{index}")
         batches = [[t] for t in run.tests] if run.per_test_server else [run.tests]
         for n, tests in enumerate(batches):
@@ -446,17 +665,29 @@ def main() -> int:
 
 
 def summarise(results: list[dict]) -> None:
-    print("\nsuite                     applicable passed   (not applicable: passed/total)")
-    for suite in sorted({r["suite"] for r in results}):
-        rows = [r for r in results if r["suite"] == suite and r["outcome"] != "skipped"]
+    """Per suite (an ensemble run on a row of its own), then totals."""
+    def row(r: dict) -> str:
+        return r["suite"] + (" +ensembles" if r["label"] == ENSEMBLE_LABEL else "")
+
+    def counts(rows: list[dict]) -> tuple[int, int, int, int]:
+        rows = [r for r in rows if r["outcome"] != "skipped"]
         app = [r for r in rows if not r["not_applicable"]]
         na = [r for r in rows if r["not_applicable"]]
-        ok = sum(r["outcome"] == "passed" for r in app)
-        na_ok = sum(r["outcome"] == "passed" for r in na)
-        print(f"{suite:25s} {ok:4d} / {len(app):<4d}"
-              + (f"        ({na_ok}/{len(na)})" if na else ""))
-    app = [r for r in results if r["outcome"] != "skipped" and not r["not_applicable"]]
-    print(f"{'total':25s} {sum(r['outcome'] == 'passed' for r in app):4d} / {len(app)}")
+        return (sum(r["outcome"] == "passed" for r in app), len(app),
+                sum(r["outcome"] == "passed" for r in na), len(na))
+
+    print(f"\n{'suite':29s} applicable passed   (not applicable: passed/total)")
+    for name in sorted({row(r) for r in results}):
+        ok, n, na_ok, na = counts([r for r in results if row(r) == name])
+        print(f"{name:29s} {ok:4d} / {n:<4d}" + (f"        ({na_ok}/{na})" if na else ""))
+    ensembles = [r for r in results if r["label"] == ENSEMBLE_LABEL]
+    if ensembles and len(ensembles) < len(results):
+        ok, n, _, _ = counts([r for r in results if r["label"] != ENSEMBLE_LABEL])
+        print(f"{'total without ensembles':29s} {ok:4d} / {n}")
+        ok, n, _, _ = counts(ensembles)
+        print(f"{'total of ensemble runs':29s} {ok:4d} / {n}")
+    ok, n, _, _ = counts(results)
+    print(f"{'total':29s} {ok:4d} / {n}")
 
 
 if __name__ == "__main__":
