@@ -231,7 +231,26 @@ def _consistent(name: str, tensor: str, seen: _Node, new: _Node) -> None:
                              f"model {new.owner}")
 
 
-def check_composing(config: ModelConfig, composing: dict[int, list[ModelConfig]]) -> None:
+@dataclass(frozen=True, slots=True)
+class StepShapes:
+    """What the scheduler needs of a step's model to hand it tensors: whether it batches, and
+    its inputs' dims (batch dim excluded), for Triton's rule where a batching side meets a
+    non-batching one (see ``fit``)."""
+
+    batching: bool
+    dims: dict[str, tuple[int, ...]]  # model input -> config dims
+
+
+@dataclass(frozen=True, slots=True)
+class Composition:
+    """What ``check_composing`` found: each step's shapes, and the class labels each ensemble
+    output inherits from the model output that produces it (classification extension)."""
+
+    steps: dict[int, StepShapes]
+    labels: dict[str, tuple[str, ...]]
+
+
+def check_composing(config: ModelConfig, composing: dict[int, list[ModelConfig]]) -> Composition:
     """Check the plan against the configs each step may be served by (for a routed step, every
     serving version of its model); ModelLoadError in Triton's words when they do not fit."""
     name = config.name
@@ -246,9 +265,24 @@ def check_composing(config: ModelConfig, composing: dict[int, list[ModelConfig]]
     for spec in (*config.inputs, *config.outputs):
         nodes[spec.name] = _node(name, batching, spec.datatype,
                                  spec.reshape if spec.reshape is not None else spec.dims)
+    steps, labels = {}, {}
+    outputs = {spec.name for spec in config.outputs}
     for step in plan.steps:
-        for model in composing[step.index]:
+        models = composing[step.index]
+        for model in models:
             _check_step(name, config.max_batch_size, step, model, nodes)
+        batching = {m.max_batch_size > 0 for m in models}
+        if len(batching) > 1:
+            raise ModelLoadError(
+                f"in ensemble {name}, {step.label}: the serving versions of model {step.model} "
+                "differ in batching (max_batch_size 0 and above 0); pin model_version in the "
+                "step")
+        first = models[0]
+        steps[step.index] = StepShapes(batching.pop(), {s.name: s.dims for s in first.inputs})
+        for model_output, tensor in step.outputs:
+            if tensor in outputs and first.labels.get(model_output):
+                labels[tensor] = first.labels[model_output]
+    return Composition(steps, labels)
 
 
 def _check_step(name: str, max_batch_size: int, step: Step, model: ModelConfig,
@@ -290,6 +324,22 @@ def _merge(name: str, tensor: str, node: _Node, nodes: dict[str, _Node]) -> None
 
 # ---- serving ---------------------------------------------------------------------------------
 
+
+def fit(data: np.ndarray, batched: bool, to_batching: bool, dims: tuple[int, ...]) -> np.ndarray:
+    """A tensor from one side handed to the other, where one batches and the other does not
+    (Triton's rule): to a batching model, a tensor that already has the model's dims gets a
+    batch of 1; to a non-batching one, a batch of 1 whose shape is not the model's loses its
+    batch dim. Otherwise the tensor goes as it is."""
+    if batched == to_batching:
+        return data
+    shape = data.shape
+    if to_batching:
+        return data.reshape((1, *shape)) if _same_dims(dims, shape) else data
+    if shape and shape[0] == 1 and not _same_dims(dims, shape):
+        return data.reshape(shape[1:])
+    return data
+
+
 # The data plane's way to run one step: (step, its input tensors named by the model's inputs,
 # the caller's request) -> the model's response with the step's outputs, in step.outputs order.
 RunStep = Callable[[Step, list[Tensor], object], Awaitable[InferResponse]]
@@ -303,7 +353,8 @@ class EnsembleScheduler:
     batchers. ``broken`` holds why the ensemble cannot serve now (a composing model went away or
     changed so it no longer fits); the repository sets and clears it."""
 
-    def __init__(self, model: str, version: str, config: ModelConfig, stats: ModelStats):
+    def __init__(self, model: str, version: str, config: ModelConfig, stats: ModelStats,
+                 shapes: dict[int, StepShapes]):
         self.model = model
         self.version = version
         self.config = config
@@ -314,6 +365,8 @@ class EnsembleScheduler:
         self.cache = None
         self.observer = None
         self.broken = ""
+        self.shapes = shapes  # step index -> its model's shapes (replaced when it reloads)
+        self._batching = config.max_batch_size > 0
         self._running = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -342,12 +395,14 @@ class EnsembleScheduler:
         self._running += 1
         self._idle.clear()
         try:
-            values = {t.name: t for t in inputs}
+            # ensemble tensor -> (its value, whether it carries a batch dim)
+            values = {t.name: (t, self._batching) for t in inputs}
+            shapes = self.shapes
             for wave in self.plan.waves:
                 if len(wave) == 1:
-                    await self._step(wave[0], values, run_step, request)
+                    await self._step(wave[0], shapes[wave[0].index], values, run_step, request)
                 else:
-                    await self._together(wave, values, run_step, request)
+                    await self._together(wave, shapes, values, run_step, request)
         finally:
             self._running -= 1
             if not self._running:
@@ -357,14 +412,20 @@ class EnsembleScheduler:
         stats.execution_count += 1
         stats.compute_infer.add(time.monotonic_ns() - start)
         stats.last_inference_ms = time.time_ns() // 1_000_000
-        return [values[spec.name].data for spec in self.config.outputs]
+        outputs = []
+        for spec in self.config.outputs:
+            value, batched = values[spec.name]
+            dims = spec.reshape if spec.reshape is not None else spec.dims
+            outputs.append(fit(value.data, batched, self._batching, dims))
+        return outputs
 
-    async def _step(self, step: Step, values: dict[str, Tensor], run_step: RunStep,
+    async def _step(self, step: Step, shapes: StepShapes, values: dict, run_step: RunStep,
                     request) -> None:
         tensors = []
         for model_input, tensor in step.inputs:
-            value = values[tensor]
-            tensors.append(Tensor(model_input, value.datatype, value.data))
+            value, batched = values[tensor]
+            data = fit(value.data, batched, shapes.batching, shapes.dims[model_input])
+            tensors.append(Tensor(model_input, value.datatype, data))
         try:
             response = await run_step(step, tensors, request)
         except GatewayError as exc:
@@ -372,12 +433,13 @@ class EnsembleScheduler:
             kind = Unavailable if isinstance(exc, NotFound) else type(exc)
             raise kind(f"in ensemble '{self.model}', {step.label}: {exc.message}") from None
         for (_, tensor), out in zip(step.outputs, response.outputs):
-            values[tensor] = Tensor(tensor, out.datatype, out.data)
+            values[tensor] = (Tensor(tensor, out.datatype, out.data), shapes.batching)
 
-    async def _together(self, wave: tuple[Step, ...], values: dict[str, Tensor],
-                        run_step: RunStep, request) -> None:
+    async def _together(self, wave: tuple[Step, ...], shapes: dict[int, StepShapes],
+                        values: dict, run_step: RunStep, request) -> None:
         """The steps of one wave at once; the first failure cancels the others."""
-        tasks = [asyncio.ensure_future(self._step(s, values, run_step, request)) for s in wave]
+        tasks = [asyncio.ensure_future(self._step(s, shapes[s.index], values, run_step,
+                                                  request)) for s in wave]
         try:
             _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         except asyncio.CancelledError:
@@ -388,6 +450,9 @@ class EnsembleScheduler:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        for task in tasks:  # config order: the first failing step is the one reported
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()
+        # Every failure is collected (asyncio logs one never looked at); the first in config
+        # order is the one reported.
+        failures = [task.exception() for task in tasks if not task.cancelled()]
+        for failure in failures:
+            if failure is not None:
+                raise failure

@@ -10,6 +10,7 @@ Readers (the data plane) see each model's serving versions as an immutable snaps
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import re
@@ -18,7 +19,14 @@ from pathlib import Path
 
 from gateway.batching import Batcher
 from gateway.cache import ResponseCache
-from gateway.ensemble import EnsembleScheduler, check_composing, ensemble_config, is_ensemble
+from gateway.classification import read_labels
+from gateway.ensemble import (
+    Composition,
+    EnsembleScheduler,
+    check_composing,
+    ensemble_config,
+    is_ensemble,
+)
 from gateway.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -40,7 +48,8 @@ from gateway.statistics import ModelStats
 log = logging.getLogger(__name__)
 
 # Always with fullmatch: with match and "$", a trailing newline would pass ("m\n").
-MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+# A comma too: Triton's QA generators name models "nop_TYPE_FP32_4,1,2" (their shape).
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,\-]{0,127}")
 
 
 def valid_model_name(name: str) -> bool:
@@ -50,7 +59,7 @@ def valid_model_name(name: str) -> bool:
 
 # What a load request's name may hold to be looked up at all (Triton accepts "...", "..m",
 # "m..1": valid names, just never model directories here).
-LOADABLE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+LOADABLE_NAME = re.compile(r"[A-Za-z0-9_.,\-]{1,128}")
 
 
 def unknown_model(name: str) -> NotFound:
@@ -79,7 +88,7 @@ def check_load_name(name: str) -> None:
                               "path traversal characters")
     if LOADABLE_NAME.fullmatch(name) is None:
         raise InvalidArgument(
-            f"invalid model name '{echo(name)}': use letters, digits, '_', '-' and '.' "
+            f"invalid model name '{echo(name)}': use letters, digits, '_', '-', '.' and ',' "
             "(at most 128, not starting with '.' or '-')")
 
 
@@ -87,7 +96,7 @@ def check_model_name(name: str) -> str:
     """Refuse names that could escape the repository or are not plain directory names."""
     if not valid_model_name(name):
         raise InvalidArgument(
-            f"invalid model name '{echo(name)}': use letters, digits, '_', '-' and '.' "
+            f"invalid model name '{echo(name)}': use letters, digits, '_', '-', '.' and ',' "
             "(at most 128, not starting with '.' or '-')")
     return name
 
@@ -135,6 +144,8 @@ class Repository:
         # Names of the models served as ensembles: a caller's routing key matters to them
         # when any step's model has a split (the protocols read the key only when it may).
         self.ensembles: set[str] = set()
+        self._skipped: set[str] = set()  # directories whose names are not model names
+        self.closing = False  # set by close(): unloads are the end, not an outage
 
     # ---- reading (request path) ----------------------------------------------------------
 
@@ -196,7 +207,18 @@ class Repository:
         except OSError as exc:
             raise Unavailable(f"the model repository cannot be read ({unreadable(exc)}); "
                               "the loaded models keep serving") from None
-        return sorted(p.name for p in children if p.is_dir() and valid_model_name(p.name))
+        names = []
+        for path in children:
+            if not path.is_dir() or path.name.startswith("."):  # .gateway: operator state
+                continue
+            if valid_model_name(path.name):
+                names.append(path.name)
+            elif path.name not in self._skipped:  # said once: polls rescan every second
+                self._skipped.add(path.name)
+                log.warning("directory '%s' in the model repository is not served: a model "
+                            "name holds letters, digits, '_', '-', '.' and ',' (at most 128, "
+                            "not starting with '-')", echo(path.name))
+        return sorted(names)
 
     def snapshot(self) -> dict[str, tuple]:
         """{model: disk signature} of every model on disk (blocking: run it off the loop)."""
@@ -257,7 +279,8 @@ class Repository:
             proto, explicit_batch, on_disk = await loop.run_in_executor(
                 None, self._disk_state, name)
             wanted = version_policy(proto).select(list(on_disk))
-            ensemble = await self._prepare_ensemble(proto) if is_ensemble(proto) else None
+            ensemble, composition = (await self._prepare_ensemble(proto) if is_ensemble(proto)
+                                     else (None, None))
         except (ModelLoadError, NotFound) as exc:
             reason = exc.args[0] if isinstance(exc, ModelLoadError) else exc.message
             log.error("model '%s' cannot load: %s", name, reason)
@@ -281,9 +304,9 @@ class Repository:
                 continue
             if ensemble is not None:
                 stats = ModelStats()
-                new_serving[key] = ServingVersion(name, key, ensemble,
-                                                  EnsembleScheduler(name, key, ensemble, stats),
-                                                  stats, signature)
+                scheduler = EnsembleScheduler(name, key, ensemble, stats, composition.steps)
+                new_serving[key] = ServingVersion(name, key, ensemble, scheduler, stats,
+                                                  signature)
                 steps = ensemble.ensemble.steps
                 log.info("ensemble '%s' version %s ready (%d step%s: %s)", name, key,
                          len(steps), "" if len(steps) == 1 else "s",
@@ -333,19 +356,25 @@ class Repository:
             log.info("model '%s' version %s retiring", name, old.version)
         await asyncio.gather(*(old.batcher.close() for old in retired))
 
-    async def _prepare_ensemble(self, proto) -> ModelConfig:
+    async def _prepare_ensemble(self, proto) -> tuple[ModelConfig, Composition]:
         """An ensemble's config, checked against its composing models, which load first (as
-        in Triton, loading an ensemble loads the models it needs)."""
+        in Triton, loading an ensemble loads the models it needs). Its outputs' class labels
+        are its own label_filename's, else those of the model output that produces them."""
         config = ensemble_config(proto)
-        await asyncio.get_running_loop().run_in_executor(
-            None, self._refuse_cycles, config.name, config.ensemble.models)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._refuse_cycles, config.name,
+                                   config.ensemble.models)
+        own = {t.name: t.label_filename for t in proto.output if t.label_filename}
+        own = {name: await loop.run_in_executor(None, read_labels, self.root / config.name, f)
+               for name, f in own.items()}
         for model in sorted(config.ensemble.models):
             entry = self.models.get(model)
             if ((entry is None or not entry.serving) and valid_model_name(model)
                     and (self.root / model).is_dir()):
                 await self.load(model)
-        check_composing(config, self._composing(config))
-        return config
+        composition = check_composing(config, self._composing(config))
+        labels = {**composition.labels, **own}
+        return (dataclasses.replace(config, labels=labels) if labels else config), composition
 
     def _composing(self, config: ModelConfig) -> dict[int, list[ModelConfig]]:
         """For each step of an ensemble, the configs of the versions that may serve it now."""
@@ -384,17 +413,20 @@ class Repository:
     def _recheck_ensembles(self, changed: str) -> None:
         """A model changed: the ensembles that use it serve only while they still fit it
         (a composing model unloaded, or reloaded with other tensors, stops them with why)."""
+        if self.closing:  # the server stops and unloads everything: not an outage
+            return
         for entry in self.models.values():
             for served in entry.serving.values():
                 plan = served.config.ensemble
                 if plan is None or changed not in plan.models:
                     continue
+                scheduler = served.batcher
                 try:
-                    check_composing(served.config, self._composing(served.config))
+                    scheduler.shapes = check_composing(served.config,
+                                                       self._composing(served.config)).steps
                     broken = ""
                 except ModelLoadError as exc:
                     broken = str(exc)
-                scheduler = served.batcher
                 if broken != scheduler.broken:
                     if broken:
                         log.error("ensemble '%s' version %s cannot serve: %s", entry.name,
@@ -494,6 +526,7 @@ class Repository:
                 served.batcher.abandon(error)
 
     async def close(self) -> None:
+        self.closing = True
         await asyncio.gather(*(self.unload(name) for name in list(self.models)),
                              return_exceptions=True)
 

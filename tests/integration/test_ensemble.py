@@ -81,7 +81,10 @@ def build_repository(repo):
     models.write_config(repo / "scale", "max_batch_size: 8\ndynamic_batching { }\n"
                                         "version_policy { all { } }\n")
     build_shift(repo / "shift" / "1" / "model.onnx")
-    models.write_config(repo / "shift", "max_batch_size: 8\ndynamic_batching { }\n")
+    models.write_config(repo / "shift", "max_batch_size: 8\ndynamic_batching { }\noutput [ {"
+                                        ' name: "Z" data_type: TYPE_FP32 dims: [ 4 ]'
+                                        ' label_filename: "labels.txt" } ]\n')
+    (repo / "shift" / "labels.txt").write_text("zero\none\ntwo\nthree\n")
     build_join(repo / "join" / "1" / "model.onnx")
     models.write_config(repo / "join", "max_batch_size: 8\n")
     ensemble(repo, "chain", [tensor("RAW")], [tensor("OUT")], [
@@ -100,6 +103,12 @@ def build_repository(repo):
         step("chain", {"RAW": "RAW"}, {"OUT": "once"}),
         step("scale", {"X": "once"}, {"Y": "OUT"}, version=1),
     ])
+    # A non-batching ensemble over a batching model whose name holds commas (as Triton's QA
+    # generators name theirs): [4] goes to the model as [1, 4] and comes back as [4].
+    build_shift(repo / "shift_4,1" / "1" / "model.onnx")
+    models.write_config(repo / "shift_4,1", "max_batch_size: 8\n")
+    ensemble(repo, "flat", [tensor("RAW")], [tensor("OUT")], [
+        step("shift_4,1", {"Y": "RAW"}, {"Z": "OUT"})], max_batch_size=0)
     # Refused at load, each with its reason:
     ensemble(repo, "loop_a", [tensor("RAW")], [tensor("OUT")], [
         step("loop_b", {"RAW": "RAW"}, {"OUT": "OUT"})])
@@ -308,3 +317,21 @@ def test_gateway_score_runs_an_ensemble_in_process_and_remotely(engine, gateway,
         done.stdout + done.stderr
     scores = np.array(pq.read_table(out).column("OUT").to_pylist(), np.float32)
     np.testing.assert_allclose(scores, rows * 3.0 + 1.0, rtol=1e-6)
+
+
+def test_a_non_batching_ensemble_hands_a_batching_model_a_batch_of_one(client):
+    x = np.arange(4, dtype=np.float32)
+    result = infer(client, "flat", x)
+    assert result.as_numpy("OUT").shape == (4,)
+    np.testing.assert_allclose(result.as_numpy("OUT"), x + 1.0)
+    assert model_stats(client, "shift_4,1", "1").inference_count >= 1
+
+
+def test_ensemble_outputs_inherit_the_class_labels_of_the_model_output_behind_them(client):
+    x = np.array([[0.0, 5.0, 1.0, 2.0]], np.float32)
+    inp = grpcclient.InferInput("RAW", [1, 4], "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer("chain", [inp], outputs=[
+        grpcclient.InferRequestedOutput("OUT", class_count=2)], client_timeout=TIMEOUT)
+    top = [v.decode() for v in result.as_numpy("OUT").reshape(-1)]
+    assert top == ["16.000000:1:one", "7.000000:3:three"]  # 3x + 1, labels from shift

@@ -4,12 +4,20 @@ step runner at the data plane seam)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 
 import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from gateway.ensemble import EnsembleScheduler, check_composing, ensemble_config
+from gateway.ensemble import (
+    EnsembleScheduler,
+    StepShapes,
+    check_composing,
+    ensemble_config,
+    fit,
+)
 from gateway.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable
 from gateway.modelconfig import ModelConfig, VersionPolicy
 from gateway.modelconfig_pb import model_config_pb2 as mc
@@ -147,8 +155,10 @@ def test_a_batching_model_meets_a_non_batching_one_in_full_dims():
 # ---- the scheduler ---------------------------------------------------------------------------
 
 
-def scheduler(c):
-    return EnsembleScheduler("ens", "1", c, ModelStats())
+def scheduler(c, batching=True):
+    shapes = {s.index: StepShapes(batching, {name: (4,) for name, _ in s.inputs})
+              for s in c.ensemble.steps}
+    return EnsembleScheduler("ens", "1", c, ModelStats(), shapes)
 
 
 def run(coro):
@@ -251,3 +261,64 @@ def test_close_waits_for_pipelines_in_flight():
         assert (await task)[0].shape == (1, 4)
 
     run(scenario())
+
+
+# ---- a batching side meets a non-batching one (Triton's rule) --------------------------------
+
+
+def test_fit_adds_a_batch_of_one_for_a_batching_model_and_takes_it_off_again():
+    x = np.zeros((16,), np.float32)
+    assert fit(x, False, True, (16,)).shape == (1, 16)  # matches the model's dims: batch of 1
+    assert fit(x, False, True, (-1,)).shape == (1, 16)
+    assert fit(np.zeros((2, 16)), False, True, (16,)).shape == (2, 16)  # already batched
+    assert fit(np.zeros((1, 16)), True, False, (16,)).shape == (16,)  # batch of 1 stripped
+    assert fit(np.zeros((1, 16)), True, False, (-1, 16)).shape == (1, 16)  # fits as it is
+    assert fit(np.zeros((3, 16)), True, False, (16,)).shape == (3, 16)  # only a batch of 1
+    assert fit(x, True, True, (16,)) is x and fit(x, False, False, (16,)) is x
+
+
+def test_a_non_batching_ensemble_feeds_a_batching_step_and_answers_without_the_batch():
+    c = config(ens(step("pre", {"X": "IN"}, {"Y": "OUT"}), dims="[ 4 ]", mbs=0))
+    seen = []
+
+    async def run_step(step, tensors, request):
+        seen.append(tensors[0].data.shape)
+        return InferResponse(step.model, "1", "", [Tensor("Y", "FP32", tensors[0].data * 2)])
+
+    out = run(scheduler(c, batching=True).run([Tensor("IN", "FP32", np.ones(4, np.float32))], 1,
+                                               run_step, None))
+    assert seen == [(1, 4)] and out[0].shape == (4,)
+    np.testing.assert_array_equal(out[0], np.full(4, 2.0))
+
+
+def test_the_composition_says_how_each_step_batches_and_which_labels_outputs_inherit():
+    c = config(CHAIN)
+    post = dataclasses.replace(model("post", ["X"], ["Y"], mbs=0, dims=(-1, 4)),
+                               labels={"Y": ("a", "b", "c", "d")})
+    composition = check_composing(c, {1: [model("pre", ["X"], ["Y"])], 2: [post]})
+    assert composition.steps[1].batching and not composition.steps[2].batching
+    assert composition.steps[1].dims == {"X": (4,)}
+    assert composition.labels == {"OUT": ("a", "b", "c", "d")}
+
+
+def test_versions_of_a_routed_step_that_differ_in_batching_are_refused():
+    with pytest.raises(ModelLoadError, match="differ in batching"):
+        fits(config(CHAIN), pre=[model("pre", ["X"], ["Y"]),
+                                 model("pre", ["X"], ["Y"], mbs=0, dims=(-1, 4))],
+             post=[model("post", ["X"], ["Y"])])
+
+
+def test_every_failure_of_a_wave_is_collected(caplog):
+    c = config(ens(step("a", {"X": "IN"}, {"Y": "p"}), step("b", {"X": "IN"}, {"Y": "q"}),
+                   step("join", {"A": "p", "B": "q"}, {"S": "OUT"})))
+
+    async def run_step(step, tensors, request):
+        raise InvalidArgument(f"{step.model} refused")
+
+    async def scenario():
+        with pytest.raises(InvalidArgument, match="step 1 \\(model 'a'\\): a refused"):
+            await scheduler(c).run([Tensor("IN", "FP32", np.zeros((1, 4)))], 1, run_step, None)
+
+    run(scenario())
+    gc.collect()
+    assert "never retrieved" not in caplog.text
