@@ -245,3 +245,16 @@ def test_h2load_compare_still_runs(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads(out.read_text())
     assert doc["floor_rps"][0] > 0 and doc["gateway_rps"][0] > 0 and doc["ratio_median"] > 0
+
+
+def test_ensemble_cost_reports_the_three_ways_side_by_side():
+    """``python -m bench.ensemble_cost``: an ensemble, the client-side chain, one model."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.ensemble_cost", "--streams", "2", "--seconds", "0.5",
+         "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    point = json.loads(result.stdout)["points"][0]
+    assert point["streams"] == 2
+    for way in ("ensemble", "client chain", "one model"):
+        assert point[way]["answers_per_s"] > 0 and point[way]["p50_ms"] > 0
+    assert point["ensemble_over_client_chain"] > 0
