@@ -415,6 +415,7 @@ class Repository:
         (a composing model unloaded, or reloaded with other tensors, stops them with why)."""
         if self.closing:  # the server stops and unloads everything: not an outage
             return
+        changed_state = []
         for entry in self.models.values():
             for served in entry.serving.values():
                 plan = served.config.ensemble
@@ -435,6 +436,15 @@ class Repository:
                         log.info("ensemble '%s' version %s serves again", entry.name,
                                  served.version)
                     scheduler.broken = broken
+                    changed_state.append(entry.name)
+        for name in dict.fromkeys(changed_state):  # health and metrics follow
+            self.events.emit("model_changed", name)
+
+    def serves(self, name: str) -> bool:
+        """Whether a model has a version that can serve now (grpc.health's SERVING)."""
+        entry = self.models.get(name)
+        return entry is not None and any(
+            v.config.ensemble is None or not v.batcher.broken for v in entry.serving.values())
 
     def _cache_for(self, config: ModelConfig) -> ResponseCache | None:
         if not config.response_cache:

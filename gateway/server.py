@@ -247,8 +247,7 @@ class GatewayServer:
                 log.exception("repository poll failed; retrying at the next interval")
 
     def _model_changed(self, name: str) -> None:
-        entry = self.repository.models.get(name)
-        status = SERVING if entry is not None and entry.serving else NOT_SERVING
+        status = SERVING if self.repository.serves(name) else NOT_SERVING
         asyncio.get_running_loop().create_task(self.health.set(name, status))
 
     async def stop(self) -> None:

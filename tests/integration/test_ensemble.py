@@ -14,11 +14,13 @@ import sys
 import urllib.request
 from collections import Counter
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 import tritonclient.http as httpclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper
 from support import ROOT, TIMEOUT, index_rows, model_stats, raises, wait_for
 
@@ -292,8 +294,16 @@ def test_explicit_mode_loads_what_an_ensemble_needs_and_stops_it_without(tmp_pat
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics",
                                          timeout=TIMEOUT).read().decode()
         assert 'gateway_model_ready{model="chain",version="1"} 0.0' in metrics
+        with grpc.insecure_channel(gw.url) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(service="chain")).status
+                     == health_pb2.HealthCheckResponse.NOT_SERVING, what="chain NOT_SERVING")
         client.load_model("shift")
         wait_for(lambda: client.is_model_ready("chain"), what="chain ready again")
+        with grpc.insecure_channel(gw.url) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(service="chain")).status
+                     == health_pb2.HealthCheckResponse.SERVING, what="chain SERVING again")
         np.testing.assert_allclose(infer(client, "chain").as_numpy("OUT"), X * 3.0 + 1.0)
 
 
