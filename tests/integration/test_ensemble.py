@@ -22,7 +22,16 @@ import tritonclient.grpc.aio as aioclient
 import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper
-from support import ROOT, TIMEOUT, index_rows, model_stats, raises, wait_for
+from support import (
+    ROOT,
+    TIMEOUT,
+    index_rows,
+    model_stats,
+    raises,
+    replace_atomically,
+    wait_for,
+)
+from tritonclient.utils import InferenceServerException
 
 from bench import models
 from tests.conftest import start_gateway
@@ -345,3 +354,52 @@ def test_ensemble_outputs_inherit_the_class_labels_of_the_model_output_behind_th
         grpcclient.InferRequestedOutput("OUT", class_count=2)], client_timeout=TIMEOUT)
     top = [v.decode() for v in result.as_numpy("OUT").reshape(-1)]
     assert top == ["16.000000:1:one", "7.000000:3:three"]  # 3x + 1, labels from shift
+
+
+def test_no_request_fails_while_composing_models_reload_and_splits_change(tmp_path):
+    """Under steady load on an ensemble: a composing model gets a new version (poll mode loads
+    it, then retires the old), another's split moves, then clears. Every answer is OK and
+    comes from a version that was serving."""
+    repo = build_repository(tmp_path)
+    with start_gateway(repo, "--control-mode", "poll", "--poll-interval", "0.2",
+                       "--state-dir", str(tmp_path / ".gateway")) as gw:
+        outcomes: Counter = Counter()
+        answers: Counter = Counter()
+
+        async def load(stop: asyncio.Event):
+            async with aioclient.InferenceServerClient(gw.url) as aio:
+                async def caller(k):
+                    while not stop.is_set():
+                        inp = aioclient.InferInput("RAW", [1, 4], "FP32")
+                        inp.set_data_from_numpy(X[:1])
+                        try:
+                            result = await aio.infer("chain", [inp], client_timeout=TIMEOUT,
+                                                     headers={"x-routing-key": f"k{k}"})
+                            outcomes["OK"] += 1
+                            answers[float(result.as_numpy("OUT")[0, 1])] += 1
+                        except InferenceServerException as exc:  # every failure is counted
+                            outcomes[f"{exc.status()}: {exc.message()}"] += 1
+                await asyncio.gather(*(caller(k) for k in range(16)))
+
+        async def operate():
+            stop = asyncio.Event()
+            task = asyncio.ensure_future(load(stop))
+            await asyncio.sleep(1.0)
+            # shift version 2 appears (x + 1 as before): loaded, then version 1 retires
+            replace_atomically(repo / "shift" / "2", build_shift)
+            await asyncio.sleep(1.5)
+            await asyncio.to_thread(traffic, gw.url, "set", "scale", "1=30", "2=70")
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(traffic, gw.url, "clear", "scale")
+            await asyncio.sleep(1.0)
+            stop.set()
+            await task
+
+        asyncio.run(operate())
+        assert set(outcomes) == {"OK"}, outcomes
+        assert outcomes["OK"] > 100
+        assert set(answers) <= {3.0, 4.0} and answers[3.0] > 0, answers  # x=1: 2+1 or 3+1
+        with grpcclient.InferenceServerClient(gw.url) as client:
+            rows = index_rows(client)
+            assert rows[("shift", "2")][0] == "READY" and ("shift", "1") not in rows
+            assert model_stats(client, "shift", "2").inference_stats.success.count > 0
