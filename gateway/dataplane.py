@@ -1,8 +1,10 @@
-"""The request path, protocol-free: validate -> route -> batch -> execute -> respond.
+"""The request path, protocol-free: admit -> route -> validate -> batch -> execute -> respond.
 
-A newcomer should be able to read how a request becomes a response in ``DataPlane.infer``.
-Protocol adapters decode into ``InferRequest`` before calling it and encode the
-``InferResponse`` it returns; errors are ``GatewayError`` subclasses that carry their status.
+A newcomer should be able to read how a request becomes a response in ``DataPlane.infer``
+(admission) and ``DataPlane._serve`` (the rest, top to bottom; an ensemble's steps come back
+through ``_serve`` as requests of their own). Protocol adapters decode into ``InferRequest``
+before calling it and encode the ``InferResponse`` it returns; errors are ``GatewayError``
+subclasses that carry their status.
 """
 
 from __future__ import annotations
