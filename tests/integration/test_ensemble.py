@@ -120,6 +120,12 @@ def build_repository(repo):
     models.write_config(repo / "shift_4,1", "max_batch_size: 8\n")
     ensemble(repo, "flat", [tensor("RAW")], [tensor("OUT")], [
         step("shift_4,1", {"Y": "RAW"}, {"Z": "OUT"})], max_batch_size=0)
+    # Two versions of one ensemble (the same pipeline): a split on the ensemble itself.
+    ensemble(repo, "twin", [tensor("RAW")], [tensor("OUT")], [
+        step("shift", {"Y": "RAW"}, {"Z": "OUT"})])
+    (repo / "twin" / "2").mkdir()
+    with open(repo / "twin" / "config.pbtxt", "a") as config:
+        config.write("version_policy { all { } }\n")
     # Refused at load, each with its reason:
     ensemble(repo, "loop_a", [tensor("RAW")], [tensor("OUT")], [
         step("loop_b", {"RAW": "RAW"}, {"OUT": "OUT"})])
@@ -239,6 +245,25 @@ def test_a_split_on_a_composing_model_applies_inside_the_ensemble(gateway, clien
         assert asyncio.run(run(keys)) == first
     finally:
         traffic(gateway.url, "clear", "scale")
+
+
+def test_a_split_on_the_ensemble_itself_picks_its_version(gateway):
+    assert "1=25% 2=75%" in traffic(gateway.url, "set", "twin", "1=25", "2=75")
+    try:
+        async def run():
+            async with aioclient.InferenceServerClient(gateway.url) as aio:
+                async def one():
+                    inp = aioclient.InferInput("RAW", [1, 4], "FP32")
+                    inp.set_data_from_numpy(X[:1])
+                    result = await aio.infer("twin", [inp], client_timeout=TIMEOUT)
+                    np.testing.assert_allclose(result.as_numpy("OUT"), X[:1] + 1.0)
+                    return result.get_response().model_version
+                return await asyncio.gather(*(one() for _ in range(400)))
+
+        served = Counter(asyncio.run(run()))
+        assert set(served) == {"1", "2"} and 200 < served["2"] < 380, served
+    finally:
+        traffic(gateway.url, "clear", "twin")
 
 
 def test_a_step_that_fails_is_named_with_its_ensemble(client):
