@@ -21,6 +21,7 @@ worth the hand-off (``inline``), but never so as to skip a configured queue dela
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
@@ -42,6 +43,7 @@ from gateway.statistics import ModelStats
 from runtimes.base import ExecutionError, Runtime
 
 log = logging.getLogger(__name__)
+_LOADS = itertools.count(1)  # one number per batcher: the response cache's scope
 # An inline model moves to its threads after this many budget overruns within the window.
 OVERRUNS_TO_LEAVE = 3
 OVERRUN_WINDOW_NS = 60_000_000_000
@@ -158,7 +160,10 @@ class Batcher:
         self._overruns, self._overrun_since = 0, 0  # inline budget overruns in this window
         self._stuck: set[str] = set()  # names of instances whose thread never came back
         # The server's response cache, when this model's config enables it (gateway/cache.py).
+        # Its entries are this load's: a version reloaded with a new file (same number) gets
+        # a new batcher, whose lookups never find what the old file computed.
         self.cache = cache
+        self._cache_scope = f"{version}#{next(_LOADS)}"
         self._label = f"model '{model}' version {version}"
         # Called after each batch: (batcher, requests, feeds, size, start_ns, infer_ns, done_ns).
         # Monitoring hangs here; it must be cheap or hand off to another thread.
@@ -188,7 +193,7 @@ class Batcher:
         """A hit answers at once (no queue, no execution); a miss runs and, if it succeeds, is
         kept. Statistics as Triton's: cache_hit (lookup time), cache_miss (lookup and insert)."""
         start = now_ns()
-        cache_key = self.cache.key(self.model, self.version, inputs)
+        cache_key = self.cache.key(self.model, self._cache_scope, inputs)
         outputs = self.cache.get(cache_key)
         if outputs is not None:
             self.stats.cache_hit.add(now_ns() - start)

@@ -1,10 +1,11 @@
 """Response cache (Triton's ``response_cache { enable: true }``), bounded in bytes, LRU.
 
 One cache serves the whole server (``--cache-size BYTES``; 0 = none); a model uses it only if its
-config.pbtxt enables it. The key is the model name, the version that serves the request and
-the exact bytes of every input (with datatype and shape), so a hit never answers with another
-version's outputs: routing picks the version first, the cache is looked up in that version's
-batcher. Outputs are stored as read-only copies, whole (every output of the model); the
+config.pbtxt enables it. The key is the model name, the version that serves the request (the
+load of it: a version reloaded from a new file under the same number looks up afresh, and the
+old load's entries age out) and the exact bytes of every input (with datatype and shape), so a
+hit never answers with another version's outputs: routing picks the version first, the cache
+is looked up in that version's batcher. Outputs are stored as read-only copies, whole (every output of the model); the
 response still picks the outputs the caller asked for.
 """
 

@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
-from support import TIMEOUT, model_stats, start_gateway
+from support import TIMEOUT, model_stats, start_gateway, wait_for
 
 from bench import models
 
@@ -39,6 +39,13 @@ def gateway(tmp_path_factory):
 def served(gateway):
     with grpcclient.InferenceServerClient(gateway.url) as client:
         yield client
+
+
+def reference_output(path, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
 
 
 def infer(client, model, x, version=""):
@@ -96,3 +103,26 @@ def test_hits_and_misses_show_in_prometheus_and_rest_statistics(gateway, served)
     with httpclient.InferenceServerClient(gateway.http_url) as http:
         stats = http.get_inference_statistics("cached", "1")["model_stats"][0]["inference_stats"]
     assert (stats["cache_hit"]["count"], stats["cache_miss"]["count"]) == (hits, misses)
+
+
+def test_a_version_reloaded_with_a_new_file_is_not_answered_from_the_old_files_entries(
+        tmp_path):
+    """Poll mode: version 1's file is replaced in place (same version number, new weights).
+    The cache must not answer with what the old file computed."""
+    repo = tmp_path / "repo"
+    (repo / "m" / "1").mkdir(parents=True)
+    models.build_mlp(repo / "m" / "1" / "model.onnx", (8, 16, 4), seed=0)
+    models.write_config(repo / "m", CACHED)
+    x = np.full((1, 8), 0.5, np.float32)
+    with (start_gateway(repo, "--cache-size", str(1 << 20), "--control-mode", "poll",
+                        "--poll-interval", "0.2") as gw,
+          grpcclient.InferenceServerClient(gw.url) as client):
+        old, _ = infer(client, "m", x)
+        assert np.allclose(infer(client, "m", x)[0], old)  # a hit
+        staging = tmp_path / "new.onnx"
+        models.build_mlp(staging, (8, 16, 4), seed=5)
+        staging.replace(repo / "m" / "1" / "model.onnx")
+        expected = reference_output(repo / "m" / "1" / "model.onnx", x)
+        wait_for(lambda: np.allclose(infer(client, "m", x)[0], expected), timeout=20,
+                 what="the reloaded file's answer")
+        assert not np.allclose(expected, old)
