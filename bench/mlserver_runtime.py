@@ -5,6 +5,10 @@ Loaded by MLServer inside its own virtual environment (``bench.mlserver_peer``),
 gateway: it imports only mlserver, onnxruntime and numpy. Adaptive batching is MLServer's own
 (``max_batch_size``/``max_batch_time`` in model-settings.json): it concatenates requests along
 the first axis before ``predict`` and splits the outputs after.
+
+``BENCH_ORT_PROVIDER=cuda`` (scripts/gpu_bench.py) puts the model on the GPU through the CUDA
+provider; a CUDA provider that did not start fails the load instead of serving on the CPU.
+The default, ``cpu``, is the CPU provider.
 """
 
 import os
@@ -23,7 +27,13 @@ class OnnxModel(MLModel):
         # One intra-op thread per instance, as the gateway runs its CPU instances by default.
         options.intra_op_num_threads = int(os.environ.get("BENCH_ORT_THREADS", "1"))
         path = await get_model_uri(self._settings)
-        self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        providers = ["CPUExecutionProvider"]
+        if os.environ.get("BENCH_ORT_PROVIDER", "cpu") == "cuda":
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": 0}))
+        self._session = ort.InferenceSession(path, options, providers=providers)
+        used = self._session.get_providers()
+        if len(providers) > 1 and used[0] != "CUDAExecutionProvider":
+            raise RuntimeError(f"the CUDA provider did not start ({used})")
         self._outputs = [o.name for o in self._session.get_outputs()]
         return True
 

@@ -48,7 +48,6 @@ if str(ROOT) not in sys.path:
 
 from bench import models
 
-SCRIPTS = Path(__file__).resolve().parent
 MAX_BATCH = 64
 BATCH_SIZES = (1, 8, 16, 32, 64, 128, 256)
 READY = re.compile(r"gateway ready: grpc (\S+):(\d+) metrics (-?\d+)")
@@ -324,14 +323,14 @@ def start_gateway(repo: Path, workers: int, logs: Path, label: str) -> tuple[Ser
     return server, f"127.0.0.1:{port}"
 
 
-MLSERVER_RUNTIME = SCRIPTS / "gpu_mlserver_runtime.py"
+MLSERVER_RUNTIME = ROOT / "bench" / "mlserver_runtime.py"
 
 
 def start_mlserver(files: dict[str, Path], provider: str, python: str, logs: Path,
                    folder: Path) -> tuple[Server, str]:
     """MLServer 1.7 over the same files, adaptive batching as bench.mlserver_peer sets it
     (max_batch_size 64, max_batch_time 1 ms, inference in the server process), through
-    scripts/gpu_mlserver_runtime.py (onnxruntime on the GPU)."""
+    bench/mlserver_runtime.py (onnxruntime; on the GPU with BENCH_ORT_PROVIDER=cuda)."""
     grpc_port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "settings.json").write_text(json.dumps({
@@ -340,11 +339,12 @@ def start_mlserver(files: dict[str, Path], provider: str, python: str, logs: Pat
     for name, path in files.items():
         (folder / name).mkdir(exist_ok=True)
         (folder / name / "model-settings.json").write_text(json.dumps({
-            "name": name, "implementation": "gpu_mlserver_runtime.OnnxModel",
+            "name": name, "implementation": "mlserver_runtime.OnnxModel",
             "max_batch_size": MAX_BATCH, "max_batch_time": 0.001,
             "parameters": {"uri": str(path.resolve()), "version": "1"}}))
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SCRIPTS), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(MLSERVER_RUNTIME.parent),
+                                                     env.get("PYTHONPATH", "")) if p)
     env["BENCH_ORT_PROVIDER"] = provider
     launcher = ("import sys; from mlserver.cli import main; sys.argv[0] = 'mlserver'; "
                 "sys.exit(main())")
