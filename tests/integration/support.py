@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +37,9 @@ def _root_conftest():
     return module
 
 
-start_gateway = _root_conftest().start_gateway
+_conftest = _root_conftest()
+start_gateway = _conftest.start_gateway
+free_port = _conftest.free_port  # an ephemeral loopback port, for servers the test starts
 
 LOGREG_IRIS = Path(ort.__file__).parent / "datasets" / "logreg_iris.onnx"
 ALL_DATATYPES = sorted(models.DATATYPE_TO_ONNX)
@@ -262,6 +265,30 @@ async def start_blocker(aio, client, model: str, iterations: int = BUSY_ITERATIO
 
 
 # ---- waiting ----------------------------------------------------------------------------------
+
+class ClientThreads:
+    """Client threads sending load until the ``with`` block ends: one thread running
+    ``self._run(*args)`` for each entry of ``per_thread``; subclasses write ``_run`` (loop
+    until ``self._stop`` is set) and count what they see."""
+
+    def __init__(self, per_thread: list[tuple]):
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=args, daemon=True)
+                         for args in per_thread]
+
+    def _run(self, *args):
+        raise NotImplementedError
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
 
 def wait_for(predicate, timeout: float = TIMEOUT, interval: float = 0.05, what: str = "condition"):
     """Poll ``predicate`` until it returns a truthy value (returned) or fail after ``timeout``."""

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from support import ROOT, make_pki, start_gateway, wait_for
+from support import ROOT, free_port, make_pki, start_gateway, wait_for
 
 from bench import models
 
@@ -42,12 +42,6 @@ def refused(result: subprocess.CompletedProcess, code: int, *fragments: str) -> 
     matching = [line for line in lines if all(f in line for f in fragments)]
     assert matching, f"no stderr line with {fragments}: {result.stderr!r}"
     return matching[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

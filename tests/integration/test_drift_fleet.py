@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import threading
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from support import start_gateway, wait_for
+from support import ClientThreads, free_port, start_gateway, wait_for
 
 from bench import models
 
@@ -31,14 +30,6 @@ SERVED = "baseline.served.npz"
 FIRED = f"drift: model '{MODEL}' version 1 input 'input': PSI"
 SUPPRESSED = f"drift hook of model '{MODEL}' not called here: another gateway process calls it"
 CALLED = f"drift hook of model '{MODEL}' called"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_repository(repo: Path, calls: Path) -> Path:
@@ -65,7 +56,7 @@ drift:
     return repo
 
 
-class Sender:
+class Sender(ClientThreads):
     """Keeps requests flowing to each of ``urls`` (a new connection every few requests),
     drawn from the standard normal distribution plus ``shift``."""
 
@@ -73,9 +64,7 @@ class Sender:
         self.urls = urls
         self.shift = 0.0
         self.sent = 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(url, i), daemon=True)
-                         for i, url in enumerate(urls) for _ in range(2)]
+        super().__init__([(url, i) for i, url in enumerate(urls) for _ in range(2)])
 
     def _run(self, url, seed):
         rng = np.random.default_rng(seed)
@@ -87,16 +76,6 @@ class Sender:
                     inp.set_data_from_numpy(x)
                     client.infer(MODEL, [inp], client_timeout=60)
                     self.sent += 1
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
 
 
 def metric(gateway, name: str, **labels) -> float:

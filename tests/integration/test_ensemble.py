@@ -29,12 +29,12 @@ from support import (
     model_stats,
     raises,
     replace_atomically,
+    start_gateway,
     wait_for,
 )
 from tritonclient.utils import InferenceServerException
 
 from bench import models
-from tests.conftest import start_gateway
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 

@@ -4,7 +4,6 @@ SQLite table) and with two replicas on one real Redis."""
 
 from __future__ import annotations
 
-import socket
 from contextlib import ExitStack
 
 import grpc
@@ -12,17 +11,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from sklearn.datasets import load_iris
-from support import TIMEOUT, start_gateway, wait_for
+from support import TIMEOUT, free_port, start_gateway, wait_for
 
 from bench import models
 from gateway.protocol.pb import gateway_admin_pb2 as apb
 from gateway.protocol.pb import gateway_admin_pb2_grpc as apb_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import onnx
 import pytest
 import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper
-from support import ROOT, start_gateway, wait_for
+from support import ROOT, ClientThreads, start_gateway, wait_for
 
 from bench import models
 from gateway.protocol.pb import gateway_admin_pb2 as apb
@@ -107,7 +107,7 @@ def start(gateway, to: str, interval="1", min_requests="10", steps="20,50,100"):
     return out
 
 
-class Load:
+class Load(ClientThreads):
     """One client thread per replica calling the model by name; counts outcomes by status."""
 
     def __init__(self, gateways, timeout_s: float = 30.0):
@@ -115,9 +115,7 @@ class Load:
         self.codes: dict[str, int] = {}
         self.versions: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(gw,), daemon=True)
-                         for gw in gateways]
+        super().__init__([(gw,) for gw in gateways])
 
     def _run(self, gateway):
         with grpcclient.InferenceServerClient(gateway.url) as client:
@@ -135,16 +133,6 @@ class Load:
                     self.codes[code] = self.codes.get(code, 0) + 1
                     if version:
                         self.versions[version] = self.versions.get(version, 0) + 1
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
 
 
 def split_of(gateway) -> dict[str, float]:

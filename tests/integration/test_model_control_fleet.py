@@ -4,21 +4,14 @@ comes up on the others (two replicas on one real Redis, without polling the repo
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from contextlib import ExitStack
 
 import tritonclient.grpc as grpcclient
-from support import ROOT, start_gateway, wait_for
+from support import ROOT, free_port, start_gateway, wait_for
 
 from bench import models
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ready_everywhere(url: str, model: str, connections: int = 12) -> set[bool]:

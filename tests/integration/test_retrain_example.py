@@ -5,20 +5,13 @@ publishes a canary -> labels show the new version is better) runs by itself."""
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
-from support import ROOT, start_gateway, wait_for
+from support import ROOT, free_port, start_gateway, wait_for
 
 EXAMPLE = ROOT / "examples" / "retrain_loop"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(script, *args, timeout=180):

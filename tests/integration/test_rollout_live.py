@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import onnx
 import pytest
 import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper
-from support import ROOT, start_gateway, wait_for
+from support import ROOT, ClientThreads, start_gateway, wait_for
 
 from bench import models
 
@@ -44,14 +43,13 @@ def cli(url, *args):
     return done.returncode, done.stdout, done.stderr
 
 
-class Load:
+class Load(ClientThreads):
     """Two client threads calling the model by name until stopped; counts outcomes."""
 
     def __init__(self, url, model="canary"):
         self.url, self.model = url, model
         self.ok = self.failed = 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(2)]
+        super().__init__([(), ()])
 
     def _run(self):
         x = np.random.default_rng(0).standard_normal((1, 32), dtype=np.float32)
@@ -64,16 +62,6 @@ class Load:
                     self.ok += 1
                 except Exception:
                     self.failed += 1
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
 
 
 @pytest.fixture(scope="module")

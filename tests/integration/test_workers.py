@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import tritonclient.grpc as grpcclient
-from support import start_gateway, wait_for
+from support import free_port, start_gateway, wait_for
 
 from bench import models
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_workers_share_the_port_and_drain(tmp_path):

@@ -194,7 +194,8 @@ def fake_repository(root, model="m", versions=("1",), inputs=None, max_batch_siz
     config = SimpleNamespace(max_batch_size=max_batch_size, inputs=inputs)
     serving = {v: SimpleNamespace(model=model, version=v, config=config,
                                   batcher=FakeBatcher(model, v)) for v in versions}
-    (root / model).mkdir(parents=True, exist_ok=True)
+    for v in versions:
+        (root / model / v).mkdir(parents=True, exist_ok=True)
     return SimpleNamespace(root=root, models={model: SimpleNamespace(serving=serving)})
 
 
@@ -202,8 +203,9 @@ def write_settings(root, text, model="m"):
     (root / model / "gateway.yaml").write_text(text)
 
 
-def engine_for(repo, model="m"):
-    engine = DriftEngine(repo, interval=1.0)
+def engine_for(repo, model="m", **kwargs):
+    """A fresh engine on ``repo`` (also another worker's, or the same after a restart)."""
+    engine = DriftEngine(repo, interval=1.0, **kwargs)
     engine.request_sync(model)
     engine.tick(now=0.0)
     return engine
@@ -401,7 +403,6 @@ def test_monitors_follow_the_serving_set_and_file_changes(tmp_path):
 
 def test_an_unusable_baseline_file_falls_back_to_served_samples(tmp_path, caplog):
     repo = fake_repository(tmp_path)
-    (tmp_path / "m" / "1").mkdir()
     (tmp_path / "m" / "1" / "baseline.npz").write_bytes(b"garbage")
     with caplog.at_level(logging.ERROR):
         engine = engine_for(repo)

@@ -11,48 +11,15 @@ import json
 import logging
 import sys
 import threading
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from test_monitoring_drift import engine_for, fake_repository, feed, monitor_of
 
 from gateway.control.filestore import FileStore
 from gateway.monitoring import drift as drift_module
-from gateway.monitoring.drift import SERVED_BASELINE_FILE, DriftEngine, fleet_claim
+from gateway.monitoring.drift import SERVED_BASELINE_FILE, fleet_claim
 from gateway.monitoring.stats import build_baseline, create_baseline_file, read_baseline
-from gateway.tensors import TensorSpec
-
-
-class FakeBatcher:
-    def __init__(self, model, version):
-        self.model, self.version = model, version
-
-
-def fake_repository(root, model="m", versions=("1",)):
-    config = SimpleNamespace(max_batch_size=8, inputs=[TensorSpec("x", "FP32", (3,))])
-    serving = {v: SimpleNamespace(model=model, version=v, config=config,
-                                  batcher=FakeBatcher(model, v)) for v in versions}
-    for v in versions:
-        (root / model / v).mkdir(parents=True, exist_ok=True)
-    return SimpleNamespace(root=root, models={model: SimpleNamespace(serving=serving)})
-
-
-def engine_for(repo, model="m", **kwargs):
-    """A fresh engine on ``repo``: another worker, or the same one after a restart."""
-    engine = DriftEngine(repo, interval=1.0, **kwargs)
-    engine.request_sync(model)
-    engine.tick(now=0.0)
-    return engine
-
-
-def monitor_of(engine, repo, version="1", model="m"):
-    return engine.monitors[repo.models[model].serving[version].batcher]
-
-
-def feed(monitor, rng, rows, shift=0.0, batch=10):
-    for _ in range(rows // batch):
-        monitor.offer({"x": (rng.standard_normal((batch, 3)) + shift).astype(np.float32)}, batch)
-
 
 SETTINGS = "drift: {baseline_samples: 200, min_samples: 100, window: 3, for: 0}\n"
 
