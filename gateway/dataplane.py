@@ -101,9 +101,7 @@ class DataPlane:
                                                           request.deadline_ns)
             else:
                 # An ensemble: each step is a request to its model through this same path.
-                tensors = [Tensor(spec.name, spec.datatype, array)
-                           for spec, array in zip(config.inputs, arrays)]
-                outputs = await served.batcher.run(tensors, size, self._step, request)
+                outputs = await served.batcher.run(arrays, size, self._step, request)
             if request.id and self.feedback:  # keep the prediction for a later label
                 keep = self.feedback.get(served.model)
                 if keep is not None:
@@ -175,9 +173,7 @@ class DataPlane:
             if config.ensemble is None:
                 await shadow.batcher.submit(arrays, size, key)
             else:
-                tensors = [Tensor(spec.name, spec.datatype, array)
-                           for spec, array in zip(config.inputs, arrays)]
-                await shadow.batcher.run(tensors, size, self._step, request)
+                await shadow.batcher.run(arrays, size, self._step, request)
             shadow.stats.success.add(now_ns() - start)
             ok = True
         except GatewayError:

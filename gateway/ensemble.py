@@ -386,9 +386,10 @@ class EnsembleScheduler:
         """Retire: the pipelines in flight finish (their steps are in other models' batchers)."""
         await self._idle.wait()
 
-    async def run(self, inputs: list[Tensor], size: int, run_step: RunStep,
+    async def run(self, inputs: list[np.ndarray], size: int, run_step: RunStep,
                   request) -> list[np.ndarray]:
-        """The ensemble's outputs, in config order, for the request's ``inputs``."""
+        """The ensemble's outputs, in config order, for the request's checked ``inputs`` (in
+        config order too, as ``prepare_inputs`` gives them)."""
         if self.broken:
             raise Unavailable(f"in ensemble '{self.model}', {self.broken}")
         start = time.monotonic_ns()
@@ -396,7 +397,8 @@ class EnsembleScheduler:
         self._idle.clear()
         try:
             # ensemble tensor -> (its value, whether it carries a batch dim)
-            values = {t.name: (t, self._batching) for t in inputs}
+            values = {spec.name: (Tensor(spec.name, spec.datatype, array), self._batching)
+                      for spec, array in zip(self.config.inputs, inputs)}
             shapes = self.shapes
             for wave in self.plan.waves:
                 if len(wave) == 1:

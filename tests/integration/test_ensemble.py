@@ -266,6 +266,23 @@ def test_a_split_on_the_ensemble_itself_picks_its_version(gateway):
         traffic(gateway.url, "clear", "twin")
 
 
+def test_a_shadow_version_of_an_ensemble_runs_its_steps_off_the_response_path(gateway, client):
+    traffic(gateway.url, "set", "twin", "1=100")
+    out = traffic(gateway.url, "shadow", "twin", "--to", "2", "--percent", "100")
+    assert "version 2 gets a copy of 100% of requests" in out
+    try:
+        before = model_stats(client, "twin", "2").inference_stats.success.count
+        for _ in range(20):
+            result = infer(client, "twin")
+            assert result.get_response().model_version == "1"
+            np.testing.assert_allclose(result.as_numpy("OUT"), X + 1.0)
+        wait_for(lambda: model_stats(client, "twin", "2").inference_stats.success.count
+                 >= before + 20, what="the shadow ensemble to answer every copy")
+    finally:
+        traffic(gateway.url, "unshadow", "twin")
+        traffic(gateway.url, "clear", "twin")
+
+
 def test_a_step_that_fails_is_named_with_its_ensemble(client):
     with raises("INVALID_ARGUMENT", "in ensemble 'narrow', step 1 (model 'shift_two'):",
                 "must be 1 to 2"):

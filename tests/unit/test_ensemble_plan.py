@@ -175,7 +175,7 @@ def test_values_flow_through_the_steps_and_stats_count_the_pipeline():
 
     s = scheduler(c)
     x = np.zeros((2, 4), np.float32)
-    out = run(s.run([Tensor("IN", "FP32", x)], 2, run_step, None))
+    out = run(s.run([x], 2, run_step, None))
     np.testing.assert_array_equal(out[0], x + 2)
     assert seen == [("pre", ["X"]), ("post", ["X"])]
     assert (s.stats.inference_count, s.stats.execution_count) == (2, 1)
@@ -187,7 +187,7 @@ def test_a_failing_step_names_the_ensemble_and_the_step_and_keeps_its_code():
         raise InvalidArgument("input 'X' has shape [9]")
 
     with pytest.raises(InvalidArgument) as info:
-        run(scheduler(config(CHAIN)).run([Tensor("IN", "FP32", np.zeros((1, 4)))], 1,
+        run(scheduler(config(CHAIN)).run([np.zeros((1, 4))], 1,
                                          run_step, None))
     assert info.value.message == "in ensemble 'ens', step 1 (model 'pre'): input 'X' has shape [9]"
 
@@ -197,7 +197,7 @@ def test_a_composing_model_that_is_gone_makes_the_ensemble_unavailable_not_unkno
         raise NotFound("Request for unknown model: 'pre' is not found")
 
     with pytest.raises(Unavailable, match="in ensemble 'ens', step 1"):
-        run(scheduler(config(CHAIN)).run([Tensor("IN", "FP32", np.zeros((1, 4)))], 1,
+        run(scheduler(config(CHAIN)).run([np.zeros((1, 4))], 1,
                                          run_step, None))
 
 
@@ -209,7 +209,7 @@ def test_a_broken_ensemble_refuses_before_any_step():
         raise AssertionError("no step may run")
 
     with pytest.raises(Unavailable, match="not available: pre"):
-        run(s.run([Tensor("IN", "FP32", np.zeros((1, 4)))], 1, run_step, None))
+        run(s.run([np.zeros((1, 4))], 1, run_step, None))
 
 
 def test_steps_of_a_wave_run_together_and_the_first_failure_cancels_the_rest():
@@ -230,7 +230,7 @@ def test_steps_of_a_wave_run_together_and_the_first_failure_cancels_the_rest():
         s = scheduler(c)
         with pytest.raises(InvalidArgument, match="step 2 \\(model 'bad'\\)"):
             await asyncio.wait_for(
-                s.run([Tensor("IN", "FP32", np.zeros((1, 4)))], 1, run_step, None), 5)
+                s.run([np.zeros((1, 4))], 1, run_step, None), 5)
         assert s.queue_depth == 0
         await asyncio.wait_for(s.close(), 1)  # nothing left running
 
@@ -250,7 +250,7 @@ def test_close_waits_for_pipelines_in_flight():
         nonlocal release
         release = asyncio.Event()
         s = scheduler(c)
-        task = asyncio.ensure_future(s.run([Tensor("IN", "FP32", np.zeros((1, 4)))], 1,
+        task = asyncio.ensure_future(s.run([np.zeros((1, 4))], 1,
                                            run_step, None))
         await asyncio.sleep(0)
         closing = asyncio.ensure_future(s.close())
@@ -285,7 +285,7 @@ def test_a_non_batching_ensemble_feeds_a_batching_step_and_answers_without_the_b
         seen.append(tensors[0].data.shape)
         return InferResponse(step.model, "1", "", [Tensor("Y", "FP32", tensors[0].data * 2)])
 
-    out = run(scheduler(c, batching=True).run([Tensor("IN", "FP32", np.ones(4, np.float32))], 1,
+    out = run(scheduler(c, batching=True).run([np.ones(4, np.float32)], 1,
                                                run_step, None))
     assert seen == [(1, 4)] and out[0].shape == (4,)
     np.testing.assert_array_equal(out[0], np.full(4, 2.0))
@@ -317,7 +317,7 @@ def test_every_failure_of_a_wave_is_collected(caplog):
 
     async def scenario():
         with pytest.raises(InvalidArgument, match="step 1 \\(model 'a'\\): a refused"):
-            await scheduler(c).run([Tensor("IN", "FP32", np.zeros((1, 4)))], 1, run_step, None)
+            await scheduler(c).run([np.zeros((1, 4))], 1, run_step, None)
 
     run(scenario())
     gc.collect()
